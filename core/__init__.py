@@ -1,0 +1,1 @@
+"""Flipbook's shared inference core. Imports nothing from ComfyUI."""

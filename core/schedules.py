@@ -1,0 +1,87 @@
+"""Noise schedules and timestep spacings for discrete-time (DDPM-trained) models.
+
+Sigmas follow the k-diffusion convention: sigma_t = sqrt((1 - alphabar_t) / alphabar_t), a
+schedule is a descending 1-D tensor that ends in 0. Names are diffusers' names; the ComfyUI
+names differ and are given in comments, because the two projects use "linear" for different
+curves (ComfyUI/LDM "sqrt_linear" == diffusers "linear").
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import InvalidSettingError
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def betas_linear(beta_start: float, beta_end: float, n: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """diffusers "linear" (ComfyUI "sqrt_linear"): betas evenly spaced. AnimateDiff's training schedule."""
+    return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+
+
+def betas_scaled_linear(beta_start: float, beta_end: float, n: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """diffusers "scaled_linear" (ComfyUI "linear"): sqrt(beta) evenly spaced. Stable Diffusion's default."""
+    return np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+
+
+BETA_SCHEDULES: MappingProxyType[str, Callable[..., np.ndarray]] = MappingProxyType(
+    {"linear": betas_linear, "scaled_linear": betas_scaled_linear}
+)
+
+
+def discrete_sigmas(beta_schedule: str, beta_start: float, beta_end: float) -> torch.Tensor:
+    """The model's sigma for every training timestep, ascending ([NUM_TRAIN_TIMESTEPS], float64)."""
+    if beta_schedule not in BETA_SCHEDULES:
+        raise InvalidSettingError(
+            f"Unknown beta schedule {beta_schedule!r}; known: {sorted(BETA_SCHEDULES)}."
+        )
+    betas = BETA_SCHEDULES[beta_schedule](beta_start, beta_end)
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    return torch.from_numpy(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+
+
+def timesteps_trailing(steps: int, n: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """diffusers "trailing" spacing: start at the last timestep, even strides down (4 -> 999, 749, 499, 249)."""
+    return (np.arange(n, 0, -n / steps).round() - 1).astype(np.int64)
+
+
+def timesteps_leading(steps: int, n: int = NUM_TRAIN_TIMESTEPS, steps_offset: int = 1) -> np.ndarray:
+    """diffusers "leading" spacing with steps_offset, as AnimateDiff's DDIM configs use (25 -> 961 … 1)."""
+    ratio = n // steps
+    return (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + steps_offset
+
+
+def timesteps_linspace(steps: int, n: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """diffusers "linspace" spacing: evenly from the last to the first timestep (4 -> 999, 666, 333, 0)."""
+    return np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+
+
+TIMESTEP_SPACINGS: MappingProxyType[str, Callable[[int], np.ndarray]] = MappingProxyType(
+    {"trailing": timesteps_trailing, "leading": timesteps_leading, "linspace": timesteps_linspace}
+)
+
+
+def sigmas_for_steps(model_sigmas: torch.Tensor, spacing: str, steps: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Sampling sigmas (descending, ending in 0) and their integer timesteps for `steps` steps."""
+    if spacing not in TIMESTEP_SPACINGS:
+        raise InvalidSettingError(f"Unknown timestep spacing {spacing!r}; known: {sorted(TIMESTEP_SPACINGS)}.")
+    if steps < 1:
+        raise InvalidSettingError(f"steps must be at least 1, got {steps}.")
+    timesteps = TIMESTEP_SPACINGS[spacing](steps)
+    sigmas = torch.cat([model_sigmas[torch.from_numpy(timesteps.copy())], model_sigmas.new_zeros(1)])
+    return sigmas.float(), timesteps
+
+
+def sigma_to_timestep(sigma: torch.Tensor, model_sigmas: torch.Tensor) -> torch.Tensor:
+    """Continuous timestep for a sigma, interpolating in log-sigma (k-diffusion DiscreteSchedule.sigma_to_t)."""
+    log_sigmas = model_sigmas.log().to(sigma.device)
+    log_sigma = sigma.to(log_sigmas.dtype).log()
+    dists = log_sigma - log_sigmas[:, None]
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
+    return ((1 - w) * low + w * high).view(sigma.shape)

@@ -1,0 +1,79 @@
+"""Atomic, never-overwriting output files named the way ComfyUI names them."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import VideoWriteError
+
+_SAFE_PREFIX = re.compile(r"^[^\x00]+$")
+
+
+def output_folder(output_dir: Path, filename_prefix: str) -> tuple[Path, str, str]:
+    """(folder, base name, subfolder) for a prefix like 'flipbook/cat'; refuses paths leaving output_dir."""
+    prefix = filename_prefix.strip().replace("\\", "/") or "flipbook"
+    if not _SAFE_PREFIX.match(prefix) or prefix.startswith("/") or ".." in prefix.split("/"):
+        raise VideoWriteError(f"filename_prefix {filename_prefix!r} must be a relative name inside the output folder.")
+    subfolder, _, base = prefix.rpartition("/")
+    folder = (output_dir / subfolder).resolve()
+    if output_dir.resolve() not in (folder, *folder.parents):
+        raise VideoWriteError(f"filename_prefix {filename_prefix!r} points outside the output folder.")
+    return folder, base or "flipbook", subfolder
+
+
+def _next_counter(folder: Path, base: str, suffix: str) -> int:
+    pattern = re.compile(re.escape(base) + r"_(\d{5,})_" + re.escape(suffix) + "$")
+    numbers = [int(m.group(1)) for p in folder.glob(f"{base}_*") if (m := pattern.match(p.name))]
+    return max(numbers, default=0) + 1
+
+
+@contextmanager
+def atomic_output(folder: Path, base: str, suffix: str) -> Iterator[tuple[Path, list[Path]]]:
+    """Yields (temp path, [final path]); on success the temp file is linked to a fresh unique name.
+
+    The final name is claimed with a hard link, which fails if the name exists, so two saves never
+    overwrite each other; on any error the temp file is removed and nothing is left behind.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial" + suffix, dir=folder)
+        os.close(handle)
+    except OSError as exc:
+        raise VideoWriteError(f"Cannot write to {folder}: {exc.strerror or exc}. Check the output folder.") from None
+    temp, final = Path(temp_name), []
+    try:
+        yield temp, final
+        final.append(_claim_name(temp, folder, base, suffix))
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _claim_name(temp: Path, folder: Path, base: str, suffix: str) -> Path:
+    counter = _next_counter(folder, base, suffix)
+    while True:
+        target = folder / f"{base}_{counter:05}_{suffix}"
+        try:
+            os.link(temp, target)
+            return target
+        except FileExistsError:
+            counter += 1
+        except OSError:
+            return _claim_without_links(temp, target)
+
+
+def _claim_without_links(temp: Path, target: Path) -> Path:
+    """For filesystems without hard links: reserve the name exclusively, then replace it."""
+    while True:
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.replace(temp, target)
+            return target
+        except FileExistsError:
+            stem, counter, suffix = target.name.rsplit("_", 2)
+            target = target.with_name(f"{stem}_{int(counter) + 1:05}_{suffix}")
+        except OSError as exc:
+            raise VideoWriteError(f"Cannot write {target}: {exc.strerror or exc}.") from None

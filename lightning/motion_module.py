@@ -1,0 +1,144 @@
+"""AnimateDiff motion modules: layout/family/version detection and loading into diffusers.
+
+Detection follows AnimateDiff-Evolved's rules (reference animatediff-lightning.md §2.4):
+base family from the highest down-block index (3 -> SD1.5, 2 -> SDXL); version v2 when a
+mid block exists, else v3 for a 32-frame PE on SD1.5, else v1; frame limit = PE length.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..core.checkpoints import load_state_dict
+from ..core.errors import UnsupportedCheckpointError
+
+MOTION_HEADS = 8  # every published AnimateDiff module (guoyww configs, diffusers MotionAdapter default)
+MOTION_NORM_GROUPS = 32
+ORIGINAL = "original"  # guoyww / Lightning `_comfyui` / AnimateDiff-Evolved
+DIFFUSERS = "diffusers"  # diffusers MotionAdapter / Lightning `_diffusers`
+
+
+@dataclass(frozen=True)
+class MotionModuleInfo:
+    layout: str
+    family: str  # "sd15" | "sdxl"
+    version: str  # "v1" | "v2" | "v3"
+    max_frames: int  # positional-encoding length
+    channels: tuple[int, ...]
+    layers_per_block: int
+
+
+def inspect_motion_module(state: dict[str, torch.Tensor], file_name: str = "motion module") -> MotionModuleInfo:
+    """Recognise the layout, base family, version and frame limit from the tensors alone."""
+    keys = list(state)
+    layout = _detect_layout(keys, file_name)
+    down_indices = {int(m[1]) for k in keys if (m := re.match(r"down_blocks\.(\d+)\.", k))}
+    families = {3: "sd15", 2: "sdxl"}
+    if not down_indices or max(down_indices) not in families:
+        raise UnsupportedCheckpointError(
+            f"{file_name}: down blocks {sorted(down_indices)} fit neither SD1.5 (0-3) nor SDXL (0-2) motion modules."
+        )
+    family = families[max(down_indices)]
+    pe_key = next(k for k in keys if k.endswith("pos_encoder.pe") or k.endswith("pos_embed.pe"))
+    max_frames = int(state[pe_key].shape[1])
+    has_mid = any(k.startswith("mid_block.") for k in keys)
+    version = "v2" if has_mid else ("v3" if family == "sd15" and max_frames == 32 else "v1")
+    channels = tuple(
+        int(state[_proj_in_key(i, keys)].shape[0]) for i in range(max(down_indices) + 1)
+    )
+    layers = len({m[1] for k in keys if (m := re.match(r"down_blocks\.0\.motion_modules\.(\d+)\.", k))})
+    return MotionModuleInfo(layout, family, version, max_frames, channels, layers)
+
+
+def _proj_in_key(block: int, keys: list[str]) -> str:
+    prefix = f"down_blocks.{block}.motion_modules.0."
+    return next(k for k in keys if k.startswith(prefix) and k.endswith("proj_in.weight"))
+
+
+def _detect_layout(keys: list[str], file_name: str) -> str:
+    if any("temporal_attentions" in k for k in keys):
+        raise UnsupportedCheckpointError(
+            f"{file_name} is a HotShot-XL temporal-layers file; Flipbook loads AnimateDiff motion modules only."
+        )
+    motion = [k for k in keys if ".motion_modules." in k]
+    if motion and not any("pos_encoder" in k or "pos_embed" in k for k in motion):
+        raise UnsupportedCheckpointError(
+            f"{file_name} has motion modules without positional encodings (AnimateLCM-style); not supported yet. "
+            "Use an AnimateDiff v2/v3 or AnimateDiff-Lightning motion module."
+        )
+    if any(".temporal_transformer." in k for k in motion):
+        return ORIGINAL
+    if any(".transformer_blocks.0.attn1." in k for k in motion):
+        return DIFFUSERS
+    sample = ", ".join(keys[:3]) or "no tensors"
+    raise UnsupportedCheckpointError(
+        f"{file_name} is not an AnimateDiff motion module in a known layout (first keys: {sample}). Expected "
+        "'down_blocks.N.motion_modules.M.temporal_transformer.*' (AnimateDiff / Lightning _comfyui) or "
+        "'down_blocks.N.motion_modules.M.transformer_blocks.0.attn1.*' (diffusers / Lightning _diffusers)."
+    )
+
+
+def to_diffusers_layout(state: dict[str, torch.Tensor], info: MotionModuleInfo) -> dict[str, torch.Tensor]:
+    """Rename original-layout keys to MotionAdapter's (diffusers' converter; it drops the PE buffers)."""
+    if info.layout == DIFFUSERS:
+        return dict(state)
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    return convert_animatediff_checkpoint_to_diffusers(state)
+
+
+def build_motion_adapter(state: dict[str, torch.Tensor], info: MotionModuleInfo, dtype: torch.dtype):
+    """A diffusers MotionAdapter with this file's weights and its own frame limit."""
+    from diffusers import MotionAdapter
+
+    adapter = MotionAdapter(
+        block_out_channels=info.channels,
+        motion_layers_per_block=info.layers_per_block,
+        motion_num_attention_heads=MOTION_HEADS,
+        motion_norm_num_groups=MOTION_NORM_GROUPS,
+        motion_max_seq_length=info.max_frames,
+        use_motion_mid_block=info.version == "v2",
+    )
+    weights = to_diffusers_layout(state, info)
+    # the sinusoidal PE buffers are recomputed from motion_max_seq_length; the file's copies are identical
+    expected = {k for k in adapter.state_dict() if not k.endswith("pos_embed.pe")}
+    given = {k for k in weights if not k.endswith("pos_embed.pe")}
+    if expected != given:
+        missing, extra = sorted(expected - given), sorted(given - expected)
+        raise UnsupportedCheckpointError(
+            f"Motion module tensors do not match an AnimateDiff {info.version} module: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})."
+        )
+    adapter.load_state_dict({k: v for k, v in weights.items() if k in given}, strict=False)
+    return adapter.to(dtype).eval()
+
+
+def load_motion_module(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[object, MotionModuleInfo]:
+    path = Path(path)
+    state = load_state_dict(path)
+    info = inspect_motion_module(state, path.name)
+    return build_motion_adapter(state, info, dtype), info
+
+
+def motion_attention_key_projections(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The to_k layers of every temporal attention (where AnimateDiff's motion scale applies)."""
+    return [m.to_k for name, m in unet.named_modules() if ".motion_modules." in name and hasattr(m, "to_k")]
+
+
+class MotionScale:
+    """Scales the keys of temporal attention, as AnimateDiff-Evolved's scale_multival does (k *= scale).
+
+    The to_k projections have no bias, so scaling their output is exactly scaling k. A forward hook
+    keeps the weights untouched and costs one multiply per layer.
+    """
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.value = 1.0
+        self._handles = [layer.register_forward_hook(self._hook) for layer in motion_attention_key_projections(unet)]
+
+    def _hook(self, _module, _inputs, output: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.value == 1.0 else output * self.value

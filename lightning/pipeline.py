@@ -1,0 +1,200 @@
+"""Text-to-animation with an SD1.5 checkpoint + AnimateDiff(-Lightning) motion module.
+
+Load once (`load_lightning`), then `generate` any number of times. Sampling is the core Euler
+function over an epsilon-prediction denoiser; the variant table decides steps, CFG and schedule.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..core.devices import compute_dtype, resolve_device
+from ..core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError, UnsupportedCheckpointError
+from ..core.sampling import classifier_free_guidance, initial_latent, sample_euler, seeded_noise
+from ..core.schedules import discrete_sigmas, sigma_to_timestep, sigmas_for_steps
+from ..core.vae import decode_latents
+from . import variants as V
+from .motion_module import MotionModuleInfo, MotionScale, build_motion_adapter, inspect_motion_module
+from .sd15_checkpoint import load_sd15_checkpoint
+from .text import encode_prompt, load_tokenizer
+from ..core.checkpoints import load_state_dict
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[int, int], None]
+MOTION_SCALE_RANGE = (0.5, 1.5)
+
+
+@dataclass(frozen=True)
+class LightningModel:
+    unet: torch.nn.Module  # diffusers UNetMotionModel
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scaling_factor: float
+    motion: MotionModuleInfo
+    variant: V.Variant
+    policy: str
+    model_sigmas: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+    motion_scale: MotionScale
+
+
+def resolve_variant(variant_id: str, motion_file: str, info: MotionModuleInfo) -> V.Variant:
+    """Explicit id wins; 'auto' reads the Lightning step count from the file name, else the module version."""
+    if variant_id != V.AUTO:
+        variant = V.get_variant(variant_id)
+    else:
+        variant = V.variant_from_filename(motion_file) or V.VARIANTS.get(f"animatediff_{info.version}")
+    if variant is None:
+        raise UnsupportedCheckpointError(f"No preset for an AnimateDiff {info.version} motion module ({motion_file}).")
+    if info.version not in variant.versions:
+        raise SettingsMismatchError(
+            f"Variant {variant.label} is for AnimateDiff {'/'.join(variant.versions)} motion modules, but "
+            f"{motion_file} is a {info.version} module. Choose the variant 'auto' or 'animatediff_{info.version}'."
+        )
+    return variant
+
+
+def load_lightning(
+    checkpoint_path: str | Path,
+    motion_path: str | Path,
+    variant_id: str = V.AUTO,
+    policy: str = "strict",
+    device: Optional[str] = None,
+    tokenizer_dir: Optional[str | Path] = None,
+) -> LightningModel:
+    """Load checkpoint + motion module, checking they fit together before the big load."""
+    if policy not in V.POLICIES:
+        raise InvalidSettingError(f"Unknown policy {policy!r}; choose one of {V.POLICIES}.")
+    motion_path, checkpoint_path = Path(motion_path), Path(checkpoint_path)
+    motion_state = load_state_dict(motion_path)
+    info = inspect_motion_module(motion_state, motion_path.name)
+    if info.family != "sd15":
+        raise IncompatibleModelsError(
+            f"{motion_path.name} is an {info.family.upper()} motion module, but {checkpoint_path.name} is loaded as "
+            "an SD1.5 checkpoint (AnimateDiff-Lightning is SD1.5 only). Pick an SD1.5 motion module "
+            "(e.g. animatediff_lightning_4step_comfyui.safetensors)."
+        )
+    if info.version == "v1":
+        raise UnsupportedCheckpointError(
+            f"{motion_path.name} is an AnimateDiff v1 module, which needs cross-frame GroupNorm (not supported yet). "
+            "Use mm_sd_v15_v2, v3_sd15_mm or an AnimateDiff-Lightning module."
+        )
+    variant = resolve_variant(variant_id, motion_path.name, info)
+    torch_device = resolve_device(device)
+    dtype = compute_dtype(torch_device)
+    adapter = build_motion_adapter(motion_state, info, dtype)
+    del motion_state
+    parts = load_sd15_checkpoint(checkpoint_path, dtype)
+    unet = _motion_unet(parts.unet, adapter, checkpoint_path.name, motion_path.name)
+    unet.to(torch_device, dtype)
+    return LightningModel(
+        unet=unet, vae=parts.vae.to(torch_device), text_encoder=parts.text_encoder.to(torch_device),
+        tokenizer=load_tokenizer(tokenizer_dir), scaling_factor=parts.scaling_factor, motion=info,
+        variant=variant, policy=policy,
+        model_sigmas=discrete_sigmas(variant.beta_schedule, variant.beta_start, variant.beta_end),
+        device=torch_device, dtype=dtype, motion_scale=MotionScale(unet),
+    )
+
+
+def _motion_unet(unet2d, adapter, checkpoint_name: str, motion_name: str):
+    from diffusers import UNetMotionModel
+
+    if tuple(unet2d.config.block_out_channels) != tuple(adapter.config.block_out_channels):
+        raise IncompatibleModelsError(
+            f"{motion_name} was made for UNet widths {tuple(adapter.config.block_out_channels)}, but "
+            f"{checkpoint_name} has {tuple(unet2d.config.block_out_channels)}. Use a motion module for this base model."
+        )
+    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    return unet.to(next(adapter.parameters()).dtype).eval()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    frames: int = 16
+    width: int = 512
+    height: int = 512
+    steps: int = 4
+    cfg: float = 1.0
+    scheduler: str = "trailing"
+    motion_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    frames: torch.Tensor  # [F, H, W, 3] float32 0..1
+    settings: V.SamplingSettings
+    notes: tuple[str, ...]
+    denoiser_calls: int
+
+
+def validate_request(model: LightningModel, request: GenerationRequest) -> V.CheckedSettings:
+    """Every check that needs no model run: variant settings, frame limit, size, motion scale."""
+    checked = V.check_settings(
+        model.variant, V.SamplingSettings(request.steps, request.cfg, request.scheduler), model.policy
+    )
+    if not 1 <= request.frames <= model.motion.max_frames:
+        raise InvalidSettingError(
+            f"frames={request.frames}, but this motion module's positional encoding covers at most "
+            f"{model.motion.max_frames} frames (16 is what it was trained on). Use 1-{model.motion.max_frames} "
+            "frames; longer videos need context windows, which Flipbook does not have yet."
+        )
+    for name, value in (("width", request.width), ("height", request.height)):
+        if value < 64 or value % 8:
+            raise InvalidSettingError(f"{name}={value}: must be a multiple of 8 and at least 64 (512 is native).")
+    low, high = MOTION_SCALE_RANGE
+    if not low <= request.motion_scale <= high:
+        raise InvalidSettingError(f"motion_scale={request.motion_scale}: use {low}-{high} (1.0 = as trained).")
+    return checked
+
+
+def generate(model: LightningModel, request: GenerationRequest, progress: Optional[ProgressFn] = None) -> GenerationResult:
+    checked = validate_request(model, request)
+    settings = checked.settings
+    sigmas, _ = sigmas_for_steps(model.model_sigmas, settings.scheduler, settings.steps)
+    decode_chunks = -(-request.frames // 8)
+    total = settings.steps + decode_chunks
+    calls = [0]
+    denoiser = _make_denoiser(model, request, settings.cfg, calls)
+    noise = seeded_noise((1, 4, request.frames, request.height // 8, request.width // 8), request.seed)
+    x = initial_latent(noise, sigmas[0]).to(model.device)
+    model.motion_scale.value = request.motion_scale
+    try:
+        step_cb = (lambda i, n, _x, _d: progress(i, total)) if progress else None
+        latents = sample_euler(denoiser, x, sigmas.to(model.device), callback=step_cb)
+    finally:
+        model.motion_scale.value = 1.0
+    frames_latents = latents[0].permute(1, 0, 2, 3)  # [F, C, h, w]
+    decode_cb = (lambda done, _n: progress(settings.steps + -(-done // 8), total)) if progress else None
+    frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=8, progress=decode_cb)
+    return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=calls[0])
+
+
+def _make_denoiser(model: LightningModel, request: GenerationRequest, cfg: float, calls: list[int]):
+    """Epsilon-prediction UNet as D(x, sigma) in k-diffusion form; CFG 1 skips the negative pass."""
+    encode = lambda text: encode_prompt(model.tokenizer, model.text_encoder, text, model.device)  # noqa: E731
+    frames = request.frames
+    cond = encode(request.prompt).repeat_interleave(frames, dim=0)
+    use_cfg = abs(cfg - 1.0) > 1e-9
+    context = torch.cat([encode(request.negative).repeat_interleave(frames, dim=0), cond]) if use_cfg else cond
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        c_in = (sigma**2 + 1) ** -0.5
+        t = sigma_to_timestep(sigma.reshape(1).cpu(), model.model_sigmas).to(model.device)
+        batch = torch.cat([x, x]) if use_cfg else x
+        eps = model.unet((batch * c_in).to(model.dtype), t, encoder_hidden_states=context).sample.float()
+        if use_cfg:
+            uncond, cond_eps = eps.chunk(2)
+            eps = classifier_free_guidance(uncond, cond_eps, cfg)
+        return x - eps * sigma
+
+    return denoise

@@ -1,0 +1,187 @@
+"""Tiny random models written in the exact key layouts of the real files.
+
+Used by the tests, the benchmark and `flipbook demo`: an SD1.5 single-file checkpoint in the
+original LDM layout and AnimateDiff motion modules in both published layouts (original, as the
+Lightning `_comfyui` files, and diffusers MotionAdapter, as the `_diffusers` files). Only the
+sizes are small; names, prefixes and block structure are those of the real files, and they
+load through the same loaders users' files go through.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .sd15_checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Sizes of the tiny models; `scale` multiplies every width (the benchmark uses a larger one)."""
+
+    unet_channels: tuple[int, ...] = (32, 64, 64, 64)
+    vae_channels: tuple[int, ...] = (32, 32, 64, 64)
+    vae_layers: int = 1
+    text_hidden: int = 32
+    text_layers: int = 2
+    motion_max_seq_length: int = 32
+
+
+def _resnet_ldm(name: str) -> str:
+    for new, old in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                     ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
+        if name.startswith(new + "."):
+            return old + name[len(new):]
+    return name
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int, up_has_attn: list[bool]) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel keys -> original `model.diffusion_model.*` keys (SD1.x structure)."""
+    direct = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    step = layers_per_block + 1
+    out = {}
+    for key, value in state.items():
+        head, _, leaf = key.rpartition(".")
+        if head in direct:
+            new = f"{direct[head]}.{leaf}"
+        elif m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = f"input_blocks.{1 + i * step + j}." + ("0." + _resnet_ldm(rest) if kind == "resnets" else "1." + rest)
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+            new = f"input_blocks.{(int(m[1]) + 1) * step}.0.op.{m[2]}"
+        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+            new = f"middle_block.{2 * int(m[1])}.{_resnet_ldm(m[2])}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
+            new = f"middle_block.1.{m[1]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            new = f"output_blocks.{i * step + j}." + ("0." + _resnet_ldm(rest) if kind == "resnets" else "1." + rest)
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+            i = int(m[1])
+            new = f"output_blocks.{i * step + layers_per_block}.{2 if up_has_attn[i] else 1}.{m[2]}"
+        else:
+            raise KeyError(f"no LDM name for UNet key {key}")
+        out[UNET_PREFIX + new] = value
+    return out
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL keys -> original `first_stage_model.*` keys (1x1 conv attention)."""
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out")
+        if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key):
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)", key):
+            new = f"{m[1]}.mid.attn_1.{attn[m[2]]}.{m[3]}"
+            if m[3] == "weight" and value.ndim == 2:
+                value = value[:, :, None, None]
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key):
+            new = f"encoder.down.{m[1]}.downsample.{m[2]}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+            new = f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+            new = f"decoder.up.{levels - 1 - int(m[1])}.upsample.{m[2]}"
+        out[VAE_PREFIX + new.replace("conv_shortcut", "nin_shortcut")] = value
+    return out
+
+
+def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel keys -> `cond_stage_model.transformer.text_model.*` (SD1.x files)."""
+    out = {}
+    for key, value in state.items():
+        if "position_ids" in key:
+            continue
+        key = key if key.startswith("text_model.") else "text_model." + key
+        out[CLIP_PREFIX + key] = value
+    return out
+
+
+def motion_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers MotionAdapter keys -> original AnimateDiff keys (as in `*_comfyui.safetensors`)."""
+    out = {}
+    for key, value in state.items():
+        new = re.sub(r"(\.motion_modules\.\d+)\.", r"\1.temporal_transformer.", key)
+        new = (new.replace(".norm1.", ".norms.0.").replace(".norm2.", ".norms.1.").replace(".norm3.", ".ff_norm.")
+               .replace(".attn1.", ".attention_blocks.0.").replace(".attn2.", ".attention_blocks.1."))
+        if new.endswith(".pos_embed.pe"):
+            for block in (0, 1):  # the original layout keeps one PE buffer per attention block
+                out[new.replace(".pos_embed.pe", f".attention_blocks.{block}.pos_encoder.pe")] = value.clone()
+            continue
+        out[new] = value
+    return out
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Small random weights everywhere (default inits leave some layers at zero, hiding wiring bugs)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("pe"):
+                continue
+            scale = 1.0 / max(1, param[0].numel() if param.ndim > 1 else 1) ** 0.5  # 1/sqrt(fan_in)
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale * (0.3 if param.ndim == 1 else 1))
+
+
+def tiny_sd15_state_dict(sizes: TinySizes = TinySizes(), seed: int = 0) -> dict[str, torch.Tensor]:
+    """A complete SD1.5 single-file checkpoint (UNet + VAE + CLIP) in the LDM layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=sizes.unet_channels, layers_per_block=2,
+        cross_attention_dim=sizes.text_hidden, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=sizes.vae_channels, layers_per_block=sizes.vae_layers, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(sizes.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(sizes.vae_channels), norm_num_groups=32,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=sizes.text_hidden, intermediate_size=sizes.text_hidden * 4,
+        num_hidden_layers=sizes.text_layers, num_attention_heads=max(1, sizes.text_hidden // 64),
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=sizes.text_hidden,
+    ))
+    for i, module in enumerate((unet, vae, text)):
+        _randomize(module, seed + i)
+    up_has_attn = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
+    state = unet_to_ldm(unet.state_dict(), 2, up_has_attn)
+    state.update(vae_to_ldm(vae.state_dict(), len(sizes.vae_channels)))
+    state.update(clip_to_ldm(text.state_dict()))
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def tiny_motion_state_dict(
+    sizes: TinySizes = TinySizes(), layout: str = "original", family: str = "sd15", seed: int = 10
+) -> dict[str, torch.Tensor]:
+    """A motion module: layout 'original' (AnimateDiff/_comfyui) or 'diffusers'; family 'sd15' or 'sdxl'."""
+    from diffusers import MotionAdapter
+
+    channels = sizes.unet_channels if family == "sd15" else sizes.unet_channels[:3]
+    adapter = MotionAdapter(
+        block_out_channels=channels, motion_layers_per_block=2, motion_num_attention_heads=8,
+        motion_norm_num_groups=32, motion_max_seq_length=sizes.motion_max_seq_length,
+        use_motion_mid_block=family == "sd15",
+    )
+    _randomize(adapter, seed)
+    state = adapter.state_dict()
+    if layout == "original":
+        state = motion_to_original(state)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype = torch.float16) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype) for k, v in state.items()}, str(path))
+    return path

@@ -1,0 +1,188 @@
+"""The motion-module variants Flipbook knows, and the settings each was trained for.
+
+A frozen table, keyed by stable ids (workflows store the id; labels are derived). Sources:
+- Lightning: model card https://huggingface.co/ByteDance/AnimateDiff-Lightning ("Diffusers
+  Usage": EulerDiscreteScheduler, timestep_spacing="trailing", beta_schedule="linear",
+  guidance_scale=1.0, num_inference_steps = the checkpoint's steps; "using 3 inference steps on
+  the 2-step model produces great results"; 16-frame 512px videos). Distilled from AnimateDiff
+  SD1.5 v2, so SD1.5 only.
+- Standard v2/v3: guoyww/AnimateDiff configs/inference/inference-v2.yaml / -v3.yaml (DDIM,
+  beta_schedule "linear" 0.00085 -> 0.012, steps_offset 1) and its prompt configs (25 steps,
+  guidance 7.5). DDIM with eta 0 is the Euler step in sigma space, see core.sampling.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Optional
+
+from ..core.errors import InvalidSettingError, SettingsMismatchError
+
+log = logging.getLogger(__name__)
+
+LIGHTNING_CARD = "https://huggingface.co/ByteDance/AnimateDiff-Lightning (model card, Diffusers Usage)"
+ANIMATEDIFF_REPO = "https://github.com/guoyww/AnimateDiff configs/inference/inference-v2.yaml, -v3.yaml"
+
+POLICIES = ("strict", "fill")
+
+
+@dataclass(frozen=True)
+class Variant:
+    id: str
+    label: str
+    distilled: bool
+    steps: int  # the trained / recommended step count
+    allowed_steps: Optional[tuple[int, ...]]  # None: any step count is fine
+    sampler: str
+    spacing: str  # timestep spacing id in core.schedules.TIMESTEP_SPACINGS
+    allowed_spacings: tuple[str, ...]
+    beta_schedule: str  # diffusers name; ComfyUI calls it "sqrt_linear"
+    beta_start: float
+    beta_end: float
+    cfg: float  # default
+    cfg_min: float
+    cfg_warn_above: float
+    versions: tuple[str, ...]  # motion-module versions this preset fits
+    frames: int = 16
+    resolution: int = 512
+    base_family: str = "sd15"
+    source: str = ""
+
+
+def _lightning(steps: int, allowed: tuple[int, ...], note: str = "") -> Variant:
+    return Variant(
+        id=f"lightning_{steps}step",
+        label=f"AnimateDiff-Lightning {steps}-step{note}",
+        distilled=True,
+        steps=steps,
+        allowed_steps=allowed,
+        sampler="euler",
+        spacing="trailing",
+        allowed_spacings=("trailing",),
+        beta_schedule="linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        cfg=1.0,
+        cfg_min=1.0,
+        cfg_warn_above=2.0,  # card: "certain base models produce better results with CFG"; >2 artefacts
+        versions=("v2",),
+        source=LIGHTNING_CARD,
+    )
+
+
+def _standard(version: str) -> Variant:
+    return Variant(
+        id=f"animatediff_{version}",
+        label=f"AnimateDiff {version} (standard, not distilled)",
+        distilled=False,
+        steps=25,
+        allowed_steps=None,
+        sampler="euler",
+        spacing="leading",
+        allowed_spacings=("leading", "linspace", "trailing"),
+        beta_schedule="linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        cfg=7.5,
+        cfg_min=1.0,
+        cfg_warn_above=12.0,
+        versions=(version,),
+        source=ANIMATEDIFF_REPO,
+    )
+
+
+VARIANTS: MappingProxyType[str, Variant] = MappingProxyType(
+    {
+        v.id: v
+        for v in (
+            _lightning(1, (1,), " (research only)"),
+            _lightning(2, (2, 3)),
+            _lightning(4, (4,)),
+            _lightning(8, (8,)),
+            _standard("v2"),
+            _standard("v3"),
+        )
+    }
+)
+
+AUTO = "auto"
+_LIGHTNING_NAME = re.compile(r"lightning.*?(\d+)\s*-?_?step", re.IGNORECASE)
+
+
+def get_variant(variant_id: str) -> Variant:
+    if variant_id not in VARIANTS:
+        raise InvalidSettingError(
+            f"Unknown motion variant {variant_id!r}. Choose one of: {', '.join(VARIANTS)} (or 'auto')."
+        )
+    return VARIANTS[variant_id]
+
+
+def variant_from_filename(file_name: str) -> Optional[Variant]:
+    """Lightning files carry their step count in the name (animatediff_lightning_4step_*.safetensors)."""
+    match = _LIGHTNING_NAME.search(file_name)
+    if match is None:
+        return None
+    return VARIANTS.get(f"lightning_{int(match.group(1))}step")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    steps: int
+    cfg: float
+    scheduler: str  # timestep spacing id
+
+
+@dataclass(frozen=True)
+class CheckedSettings:
+    settings: SamplingSettings
+    notes: tuple[str, ...]  # what was filled in or warned about, shown to the user
+
+
+def check_settings(variant: Variant, requested: SamplingSettings, policy: str = "strict") -> CheckedSettings:
+    """Validate steps/CFG/scheduler against the variant. strict: raise on mismatch; fill: take the variant's."""
+    if policy not in POLICIES:
+        raise InvalidSettingError(f"Unknown settings policy {policy!r}; choose 'strict' or 'fill'.")
+    notes: list[str] = []
+    settings = requested
+    steps_ok = variant.allowed_steps is None or requested.steps in variant.allowed_steps
+    if requested.steps < 1 or not steps_ok:
+        if policy == "strict" or requested.steps < 1 and variant.allowed_steps is None:
+            raise SettingsMismatchError(
+                f"{variant.label} was trained for steps={_allowed(variant.allowed_steps, variant.steps)}, "
+                f"got steps={requested.steps}. Set steps to {variant.steps}, pick the motion module made "
+                f"for {requested.steps} steps, or set the loader's policy to 'fill'."
+            )
+        settings = replace(settings, steps=variant.steps)
+        notes.append(f"steps {requested.steps} -> {variant.steps} (policy 'fill', {variant.label})")
+    if requested.scheduler not in variant.allowed_spacings:
+        if policy == "strict":
+            raise SettingsMismatchError(
+                f"{variant.label} needs the {variant.spacing!r} scheduler (ComfyUI: sgm_uniform/simple), "
+                f"got {requested.scheduler!r}. Set scheduler to {variant.spacing!r} or use policy 'fill'."
+            )
+        settings = replace(settings, scheduler=variant.spacing)
+        notes.append(f"scheduler {requested.scheduler} -> {variant.spacing} (policy 'fill')")
+    if requested.cfg < variant.cfg_min:
+        if policy == "strict":
+            raise SettingsMismatchError(
+                f"{variant.label} needs cfg >= {variant.cfg_min} (default {variant.cfg}), got cfg={requested.cfg}. "
+                f"Set cfg to {variant.cfg} or use policy 'fill'."
+            )
+        settings = replace(settings, cfg=variant.cfg)
+        notes.append(f"cfg {requested.cfg} -> {variant.cfg} (policy 'fill')")
+    if settings.cfg > variant.cfg_warn_above:
+        notes.append(
+            f"warning: cfg {settings.cfg} is above {variant.cfg_warn_above}, the useful maximum for "
+            f"{variant.label}; expect over-sharpening, artefacts and colour shifts. Try {variant.cfg}."
+        )
+    for note in notes:
+        log.log(logging.WARNING if note.startswith("warning") else logging.INFO, "%s", note)
+    return CheckedSettings(settings=settings, notes=tuple(notes))
+
+
+def _allowed(allowed: Optional[tuple[int, ...]], default: int) -> str:
+    if allowed is None:
+        return str(default)
+    return " or ".join(str(s) for s in allowed)

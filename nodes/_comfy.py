@@ -1,0 +1,123 @@
+"""The one place that touches ComfyUI (folder_paths, comfy.utils, comfy.model_management, cli args).
+
+Every function works without ComfyUI too, against a `HeadlessHost` (models and output folders in
+ComfyUI's layout) that the `flipbook` CLI and the tests configure, so the same node classes run
+inside ComfyUI and headless.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..core.errors import ModelFileNotFoundError
+
+log = logging.getLogger(__name__)
+
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+ANIMATEDIFF_FOLDER = "animatediff_models"  # the folder name AnimateDiff-Evolved registers; users already have it
+
+
+@dataclass
+class HeadlessHost:
+    models_dir: Path
+    output_dir: Path
+    disable_metadata: bool = False
+
+
+_headless: Optional[HeadlessHost] = None
+
+
+def use_headless(host: Optional[HeadlessHost]) -> None:
+    """Point the nodes at plain folders instead of a running ComfyUI (CLI and tests)."""
+    global _headless
+    _headless = host
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _folder_paths():
+    return None if _headless is not None else _module("folder_paths")
+
+
+def register_model_folders() -> None:
+    """Inside ComfyUI: make sure `animatediff_models` exists as a model folder (as AnimateDiff-Evolved does)."""
+    folder_paths = _folder_paths()
+    if folder_paths is None or ANIMATEDIFF_FOLDER in folder_paths.folder_names_and_paths:
+        return
+    default = Path(folder_paths.models_dir) / ANIMATEDIFF_FOLDER
+    folder_paths.folder_names_and_paths[ANIMATEDIFF_FOLDER] = ([str(default)], set(MODEL_SUFFIXES))
+
+
+def model_names(folder: str) -> list[str]:
+    folder_paths = _folder_paths()
+    if folder_paths is not None:
+        return list(folder_paths.get_filename_list(folder))
+    if _headless is None:
+        return []
+    root = _headless.models_dir / folder
+    files = root.rglob("*") if root.is_dir() else []
+    return sorted(p.relative_to(root).as_posix() for p in files if p.suffix.lower() in MODEL_SUFFIXES)
+
+
+def model_path(folder: str, name: str) -> Path:
+    folder_paths = _folder_paths()
+    if folder_paths is not None:
+        found = folder_paths.get_full_path(folder, name)
+        if found:
+            return Path(found)
+        where = ", ".join(folder_paths.get_folder_paths(folder))
+    else:
+        root = _headless.models_dir / folder if _headless else Path(folder)
+        candidate = root / name
+        if candidate.is_file():
+            return candidate
+        where = str(root)
+    raise ModelFileNotFoundError(f"{name!r} is not in the {folder} folder ({where}). Put the file there and refresh.")
+
+
+def output_dir() -> Path:
+    folder_paths = _folder_paths()
+    if folder_paths is not None:
+        return Path(folder_paths.get_output_directory())
+    return _headless.output_dir if _headless else Path("output")
+
+
+def metadata_disabled() -> bool:
+    if _headless is not None:
+        return _headless.disable_metadata
+    cli_args = _module("comfy.cli_args")
+    return bool(cli_args and getattr(cli_args.args, "disable_metadata", False))
+
+
+def clip_tokenizer_dir() -> Optional[Path]:
+    """ComfyUI's own copy of the CLIP tokenizer when running inside it (else the bundled one is used)."""
+    sd1_clip = None if _headless is not None else _module("comfy.sd1_clip")
+    if sd1_clip is None:
+        return None
+    folder = Path(sd1_clip.__file__).parent / "sd1_tokenizer"
+    return folder if (folder / "vocab.json").is_file() else None
+
+
+def progress_reporter(total: int) -> Callable[[int, int], None]:
+    """A (done, total) callback driving ComfyUI's progress bar; each update is also a cancel point."""
+    utils = None if _headless is not None else _module("comfy.utils")
+    management = None if _headless is not None else _module("comfy.model_management")
+    bar = utils.ProgressBar(total) if utils is not None else None
+
+    def report(done: int, of: int) -> None:
+        if management is not None:
+            management.throw_exception_if_processing_interrupted()
+        if bar is not None:
+            bar.update_absolute(done, of)
+        else:
+            log.info("progress %d/%d", done, of)
+
+    return report
