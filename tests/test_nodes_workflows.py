@@ -1,0 +1,155 @@
+"""Node schemas, the bundled workflow, headless runs, the CLI demo, and the nodes inside a fake ComfyUI."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from flipbook_pack import NODE_CLASS_MAPPINGS, cli
+from flipbook_pack.core.media_readers import read_mp4_metadata
+from flipbook_pack.core.metadata import encode_value
+from flipbook_pack.nodes import _comfy
+from flipbook_pack.nodes.headless import _has_control_widget, _is_widget, apply_overrides, workflow_to_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW = json.loads((ROOT / "workflows" / "lightning_4step_t2v.json").read_text())
+
+
+def test_node_ids_are_prefixed_and_every_input_has_a_tooltip():
+    for node_id, node in NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("Flipbook") and node.CATEGORY.startswith("Flipbook")
+        assert hasattr(node, node.FUNCTION) and node.DESCRIPTION
+        for name, spec in node.INPUT_TYPES()["required"].items():
+            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_bundled_workflow_is_frontend_shaped_and_uses_only_our_nodes():
+    assert WORKFLOW["version"] == 0.4 and WORKFLOW["last_node_id"] == max(n["id"] for n in WORKFLOW["nodes"])
+    for node in WORKFLOW["nodes"]:
+        node_class = NODE_CLASS_MAPPINGS[node["type"]]
+        widgets = [(n, s) for n, s in node_class.INPUT_TYPES()["required"].items() if _is_widget(s)]
+        expected = len(widgets) + sum(_has_control_widget(n, s) for n, s in widgets)
+        assert len(node["widgets_values"]) == expected, node["type"]
+    for link in WORKFLOW["links"]:
+        link_id, origin, _, target, _, kind = link
+        assert any(i["link"] == link_id and i["type"] == kind
+                   for n in WORKFLOW["nodes"] if n["id"] == target for i in n["inputs"])
+    models = WORKFLOW["nodes"][0]["properties"]["models"]
+    assert all(m["url"].startswith("https://huggingface.co/") and m["url"].endswith(m["name"]) for m in models)
+
+
+def test_workflow_to_prompt_skips_the_seed_control_value():
+    prompt = workflow_to_prompt(WORKFLOW, NODE_CLASS_MAPPINGS)
+    sampler = prompt["2"]["inputs"]
+    assert sampler["model"] == ["1", 0] and sampler["seed"] == 42 and sampler["frames"] == 16
+    assert (sampler["steps"], sampler["cfg"], sampler["scheduler"], sampler["motion_scale"]) == (4, 1.0, "trailing", 1.0)
+    assert prompt["3"]["inputs"]["images"] == ["2", 0] and prompt["3"]["inputs"]["crf"] == 19
+    apply_overrides(prompt, ["FlipbookLightningSampler.width=64", "2.prompt=hello world"])
+    assert sampler["width"] == 64 and sampler["prompt"] == "hello world"
+
+
+@pytest.fixture()
+def demo_output(tmp_path, capsys):
+    assert cli.main(["demo", "lightning", "--models-dir", str(tmp_path / "models"),
+                     "--output-dir", str(tmp_path / "out")]) == 0
+    return tmp_path, Path(capsys.readouterr().out.strip())
+
+
+def test_cli_demo_writes_a_16_frame_mp4_with_workflow_and_prompt(demo_output):
+    import av
+
+    tmp_path, video = demo_output
+    assert video.parent == tmp_path / "out" / "flipbook" and video.suffix == ".mp4"
+    assert (tmp_path / "models" / "checkpoints" / "v1-5-pruned-emaonly-fp16.safetensors").is_file()
+    assert (tmp_path / "models" / "animatediff_models" / "animatediff_lightning_4step_comfyui.safetensors").is_file()
+    found = read_mp4_metadata(video)
+    assert found["workflow"] == json.loads(encode_value(WORKFLOW))
+    assert found["prompt"]["2"]["class_type"] == "FlipbookLightningSampler"
+    assert found["prompt"]["2"]["inputs"]["width"] == 64
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 16
+
+
+def test_cli_run_with_overrides_and_inspect(demo_output, capsys):
+    tmp_path, _ = demo_output
+    assert cli.main(["run", "lightning_4step_t2v.json", "--models", str(tmp_path / "models"), "--output-dir",
+                     str(tmp_path / "out"), "--set", "FlipbookLightningSampler.width=64",
+                     "--set", "FlipbookLightningSampler.height=64", "--set", "FlipbookLightningSampler.frames=8"]) == 0
+    video = Path(capsys.readouterr().out.strip())
+    assert video.name == "lightning_00002_.mp4"
+    assert cli.main(["inspect", str(video)]) == 0
+    assert '"workflow": "3 nodes"' in capsys.readouterr().out
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture()
+def fake_comfy(tiny_models, tmp_path, monkeypatch):
+    """Minimal stand-ins for folder_paths, comfy.utils, comfy.model_management, comfy.cli_args."""
+    root, _ = tiny_models
+    state = {"interrupt_after": None, "updates": []}
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.folder_names_and_paths = {"checkpoints": ([str(root / "checkpoints")], {".safetensors"})}
+    folder_paths.models_dir = str(root)
+    folder_paths.get_filename_list = lambda f: sorted(p.name for p in Path(folder_paths.folder_names_and_paths[f][0][0]).iterdir())
+    folder_paths.get_full_path = lambda f, n: str(Path(folder_paths.folder_names_and_paths[f][0][0]) / n)
+    folder_paths.get_folder_paths = lambda f: folder_paths.folder_names_and_paths[f][0]
+    folder_paths.get_output_directory = lambda: str(tmp_path / "output")
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None):
+            state["updates"].append((value, total))
+
+    utils.ProgressBar = ProgressBar
+    management = types.ModuleType("comfy.model_management")
+
+    def check():
+        if state["interrupt_after"] is not None and len(state["updates"]) >= state["interrupt_after"]:
+            raise Interrupted()
+
+    management.throw_exception_if_processing_interrupted = check
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(disable_metadata=False)
+    comfy = types.ModuleType("comfy")
+    for name, module in {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,
+                         "comfy.model_management": management, "comfy.cli_args": cli_args}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    _comfy.register_model_folders()
+    return state, cli_args
+
+
+def test_nodes_inside_comfyui_list_models_report_progress_and_save(fake_comfy, tmp_path):
+    state, cli_args = fake_comfy
+    loader = NODE_CLASS_MAPPINGS["FlipbookLightningLoader"]
+    choices = loader.INPUT_TYPES()["required"]["motion_model"][0]
+    assert "animatediff_lightning_4step_comfyui.safetensors" in choices
+    (model,) = loader().load("tiny_sd15.safetensors", "animatediff_lightning_4step_comfyui.safetensors", "auto", "strict")
+    (frames,) = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().sample(
+        model, "a fox", "", 1, 4, 64, 64, 4, 1.0, "trailing", 1.0)
+    assert frames.shape == (4, 64, 64, 3) and state["updates"][-1][0] == state["updates"][-1][1]
+    cli_args.args.disable_metadata = True
+    out = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"]().save(frames, "fb/x", 8.0, "mp4", 19, prompt={"1": {}},
+                                                          extra_pnginfo={"workflow": {"nodes": []}})
+    entry = out["ui"]["images"][0]
+    assert entry["subfolder"] == "fb" and out["ui"]["animated"] == (True,)
+    assert read_mp4_metadata(tmp_path / "output" / "fb" / entry["filename"]) == {}  # --disable-metadata
+
+
+def test_cancel_stops_sampling(fake_comfy):
+    state, _ = fake_comfy
+    loader = NODE_CLASS_MAPPINGS["FlipbookLightningLoader"]
+    (model,) = loader().load("tiny_sd15.safetensors", "animatediff_lightning_4step_comfyui.safetensors", "auto", "strict")
+    state["interrupt_after"] = 2
+    with pytest.raises(Interrupted):
+        NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().sample(model, "a", "", 1, 4, 64, 64, 4, 1.0, "trailing", 1.0)
+    assert len(state["updates"]) == 2 and model.motion_scale.value == 1.0
