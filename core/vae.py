@@ -19,30 +19,33 @@ def decode_latents(
     chunk: int = 8,
     progress: Optional[ProgressFn] = None,
 ) -> torch.Tensor:
-    """[F, C, h, w] latents -> [F, H, W, 3] float32 images in 0..1 (ComfyUI IMAGE layout).
+    """[F, C, h, w] latents -> [F, H, W, 3] float32 images in 0..1 on the CPU (ComfyUI IMAGE layout).
 
     fp16 VAEs can overflow to NaN/inf on some inputs (sd-webui-animatediff #352); such a chunk is
-    decoded again in fp32 instead of returning black frames.
+    decoded again in fp32 instead of returning black frames. The finiteness of all chunks is read
+    back in one transfer at the end, so the GPU never waits on the CPU between chunks.
     """
-    frames = []
-    total = latents.shape[0]
-    for start in range(0, total, chunk):
-        part = latents[start:start + chunk] / scaling_factor
-        frames.append(_decode_chunk(vae, part).cpu())
-        if progress is not None:
-            progress(min(start + chunk, total), total)
-    video = torch.cat(frames)
-    return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
-
-
-def _decode_chunk(vae: torch.nn.Module, part: torch.Tensor) -> torch.Tensor:
     dtype = next(vae.parameters()).dtype
-    image = vae.decode(part.to(dtype)).sample
-    if dtype != torch.float32 and not torch.isfinite(image).all():
-        log.warning("VAE produced NaN/inf in %s; decoding this chunk again in float32", dtype)
-        vae.to(torch.float32)
-        try:
-            image = vae.decode(part.float()).sample
-        finally:
-            vae.to(dtype)
-    return image.float()
+    total = latents.shape[0]
+    parts = [latents[s:s + chunk] / scaling_factor for s in range(0, total, chunk)]
+    images = []
+    for index, part in enumerate(parts):
+        images.append(vae.decode(part.to(dtype)).sample)
+        if progress is not None:
+            progress(min((index + 1) * chunk, total), total)
+    if dtype != torch.float32:
+        finite = torch.stack([torch.isfinite(image).all() for image in images]).cpu()
+        for index in (~finite).nonzero().flatten().tolist():
+            log.warning("VAE produced NaN/inf in %s; decoding frames %d-%d again in float32",
+                        dtype, index * chunk, index * chunk + parts[index].shape[0] - 1)
+            images[index] = _decode_fp32(vae, parts[index], dtype)
+    video = torch.cat(images).float().div_(2).add_(0.5).clamp_(0, 1)
+    return video.permute(0, 2, 3, 1).to("cpu").contiguous()
+
+
+def _decode_fp32(vae: torch.nn.Module, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    vae.to(torch.float32)
+    try:
+        return vae.decode(part.float()).sample
+    finally:
+        vae.to(dtype)

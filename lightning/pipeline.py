@@ -169,7 +169,8 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     model.motion_scale.value = request.motion_scale
     try:
         step_cb = (lambda i, n, _x, _d: progress(i, total)) if progress else None
-        latents = sample_euler(denoiser, x, sigmas.to(model.device), callback=step_cb)
+        # sigmas stay 0-dim CPU tensors: arithmetic with them never makes the GPU wait for the CPU
+        latents = sample_euler(denoiser, x, sigmas, callback=step_cb)
     finally:
         model.motion_scale.value = 1.0
     frames_latents = latents[0].permute(1, 0, 2, 3)  # [F, C, h, w]
@@ -188,8 +189,8 @@ def _make_denoiser(model: LightningModel, request: GenerationRequest, cfg: float
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
-        c_in = (sigma**2 + 1) ** -0.5
-        t = sigma_to_timestep(sigma.reshape(1).cpu(), model.model_sigmas).to(model.device)
+        c_in = float((sigma**2 + 1) ** -0.5)
+        t = sigma_to_timestep(sigma.reshape(1), model.model_sigmas).to(model.device, non_blocking=True)
         batch = torch.cat([x, x]) if use_cfg else x
         eps = model.unet((batch * c_in).to(model.dtype), t, encoder_hidden_states=context).sample.float()
         if use_cfg:

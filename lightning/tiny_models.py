@@ -19,7 +19,7 @@ from .sd15_checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 @dataclass(frozen=True)
 class TinySizes:
-    """Sizes of the tiny models; `scale` multiplies every width (the benchmark uses a larger one)."""
+    """Widths and depths of the generated models; the block structure is always SD1.5's."""
 
     unet_channels: tuple[int, ...] = (32, 64, 64, 64)
     vae_channels: tuple[int, ...] = (32, 32, 64, 64)
@@ -27,6 +27,11 @@ class TinySizes:
     text_hidden: int = 32
     text_layers: int = 2
     motion_max_seq_length: int = 32
+
+
+# the real SD1.5 (v1-inference.yaml) and AnimateDiff v2 / Lightning widths, for GPU benchmarks
+SD15_REAL_SIZES = TinySizes(unet_channels=(320, 640, 1280, 1280), vae_channels=(128, 256, 512, 512), vae_layers=2,
+                            text_hidden=768, text_layers=12)
 
 
 def _resnet_ldm(name: str) -> str:
