@@ -83,19 +83,42 @@ def _detect_layout(keys: list[str], file_name: str) -> str:
 
 
 def to_diffusers_layout(state: dict[str, torch.Tensor], info: MotionModuleInfo) -> dict[str, torch.Tensor]:
-    """Rename original-layout keys to MotionAdapter's (diffusers' converter; it drops the PE buffers)."""
+    """MotionAdapter key names for either layout, with one `pos_embed.pe` per transformer block.
+
+    Original-layout files keep a PE copy per attention block (`attention_blocks.N.pos_encoder.pe`);
+    diffusers' converter drops those, so the first copy is carried over as the block's `pos_embed.pe`
+    (the values are the same sinusoid). A file without PE tensors gets them computed.
+    """
     if info.layout == DIFFUSERS:
-        return dict(state)
-    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+        weights = dict(state)
+    else:
+        from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 
-    return convert_animatediff_checkpoint_to_diffusers(state)
+        weights = convert_animatediff_checkpoint_to_diffusers(state)
+        for key, value in state.items():
+            if key.endswith(".attention_blocks.0.pos_encoder.pe"):
+                block = key.replace(".temporal_transformer.", ".").replace(".attention_blocks.0.pos_encoder.pe", "")
+                weights[block + ".pos_embed.pe"] = value
+    for key in [k for k in weights if k.endswith(".transformer_blocks.0.norm1.weight")]:
+        pe_key = key.replace(".norm1.weight", ".pos_embed.pe")
+        if pe_key not in weights:
+            weights[pe_key] = sinusoidal_positions(info.max_frames, weights[key].shape[0])
+    return weights
 
 
-def build_motion_adapter(state: dict[str, torch.Tensor], info: MotionModuleInfo, dtype: torch.dtype):
-    """A diffusers MotionAdapter with this file's weights and its own frame limit."""
-    from diffusers import MotionAdapter
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """AnimateDiff's PositionalEncoding: pe[0, p, 2i] = sin(p * w_i), pe[0, p, 2i+1] = cos(p * w_i)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-torch.log(torch.tensor(10000.0)) / dim))
+    pe = torch.zeros(1, length, dim)
+    pe[0, :, 0::2] = torch.sin(position * freq)
+    pe[0, :, 1::2] = torch.cos(position * freq)
+    return pe
 
-    adapter = MotionAdapter(
+
+def adapter_config(info: MotionModuleInfo) -> dict:
+    """diffusers MotionAdapter config for this file (frame limit from its own PE length)."""
+    return dict(
         block_out_channels=info.channels,
         motion_layers_per_block=info.layers_per_block,
         motion_num_attention_heads=MOTION_HEADS,
@@ -103,18 +126,34 @@ def build_motion_adapter(state: dict[str, torch.Tensor], info: MotionModuleInfo,
         motion_max_seq_length=info.max_frames,
         use_motion_mid_block=info.version == "v2",
     )
+
+
+def motion_weights(
+    state: dict[str, torch.Tensor], info: MotionModuleInfo, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """This file's tensors under MotionAdapter names, checked against the architecture, on device/dtype."""
+    from diffusers import MotionAdapter
+
     weights = to_diffusers_layout(state, info)
-    # the sinusoidal PE buffers are recomputed from motion_max_seq_length; the file's copies are identical
-    expected = {k for k in adapter.state_dict() if not k.endswith("pos_embed.pe")}
-    given = {k for k in weights if not k.endswith("pos_embed.pe")}
-    if expected != given:
-        missing, extra = sorted(expected - given), sorted(given - expected)
+    with torch.device("meta"):
+        expected = set(MotionAdapter(**adapter_config(info)).state_dict())
+    if expected != set(weights):
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise UnsupportedCheckpointError(
             f"Motion module tensors do not match an AnimateDiff {info.version} module: {len(missing)} missing "
             f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})."
         )
-    adapter.load_state_dict({k: v for k, v in weights.items() if k in given}, strict=False)
-    return adapter.to(dtype).eval()
+    return {k: v.to(device, dtype) for k, v in weights.items()}
+
+
+def build_motion_adapter(state: dict[str, torch.Tensor], info: MotionModuleInfo, dtype: torch.dtype):
+    """A standalone diffusers MotionAdapter with this file's weights (for diffusers pipelines and tests)."""
+    from diffusers import MotionAdapter
+
+    with torch.device("meta"):
+        adapter = MotionAdapter(**adapter_config(info))
+    adapter.load_state_dict(motion_weights(state, info, dtype), strict=True, assign=True)
+    return adapter.eval()
 
 
 def load_motion_module(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[object, MotionModuleInfo]:

@@ -12,16 +12,16 @@ from typing import Callable, Optional
 
 import torch
 
+from ..core.checkpoints import load_state_dict
 from ..core.devices import compute_dtype, resolve_device
 from ..core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError, UnsupportedCheckpointError
 from ..core.sampling import classifier_free_guidance, initial_latent, sample_euler, seeded_noise
 from ..core.schedules import discrete_sigmas, sigma_to_timestep, sigmas_for_steps
 from ..core.vae import decode_latents
 from . import variants as V
-from .motion_module import MotionModuleInfo, MotionScale, build_motion_adapter, inspect_motion_module
+from .motion_module import MotionModuleInfo, MotionScale, adapter_config, inspect_motion_module, motion_weights
 from .sd15_checkpoint import load_sd15_checkpoint
 from .text import encode_prompt, load_tokenizer
-from ..core.checkpoints import load_state_dict
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
@@ -88,13 +88,12 @@ def load_lightning(
     variant = resolve_variant(variant_id, motion_path.name, info)
     torch_device = resolve_device(device)
     dtype = compute_dtype(torch_device)
-    adapter = build_motion_adapter(motion_state, info, dtype)
+    motion = motion_weights(motion_state, info, dtype, torch_device)
     del motion_state
-    parts = load_sd15_checkpoint(checkpoint_path, dtype)
-    unet = _motion_unet(parts.unet, adapter, checkpoint_path.name, motion_path.name)
-    unet.to(torch_device, dtype)
+    parts = load_sd15_checkpoint(checkpoint_path, dtype, torch_device)
+    unet = _motion_unet(parts.unet, info, motion, checkpoint_path.name, motion_path.name)
     return LightningModel(
-        unet=unet, vae=parts.vae.to(torch_device), text_encoder=parts.text_encoder.to(torch_device),
+        unet=unet, vae=parts.vae, text_encoder=parts.text_encoder,
         tokenizer=load_tokenizer(tokenizer_dir), scaling_factor=parts.scaling_factor, motion=info,
         variant=variant, policy=policy,
         model_sigmas=discrete_sigmas(variant.beta_schedule, variant.beta_start, variant.beta_end),
@@ -102,16 +101,23 @@ def load_lightning(
     )
 
 
-def _motion_unet(unet2d, adapter, checkpoint_name: str, motion_name: str):
-    from diffusers import UNetMotionModel
+def _motion_unet(unet2d, info: MotionModuleInfo, motion: dict[str, torch.Tensor], checkpoint_name: str,
+                 motion_name: str):
+    """diffusers UNetMotionModel adopting the loaded UNet's and motion module's tensors (no copies)."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-    if tuple(unet2d.config.block_out_channels) != tuple(adapter.config.block_out_channels):
+    widths = tuple(unet2d.config.block_out_channels)
+    if widths != info.channels or unet2d.config.layers_per_block != info.layers_per_block:
         raise IncompatibleModelsError(
-            f"{motion_name} was made for UNet widths {tuple(adapter.config.block_out_channels)}, but "
-            f"{checkpoint_name} has {tuple(unet2d.config.block_out_channels)}. Use a motion module for this base model."
+            f"{motion_name} was made for UNet widths {info.channels} with {info.layers_per_block} layers per block, "
+            f"but {checkpoint_name} has {widths} with {unet2d.config.layers_per_block}. Use a motion module made "
+            "for this base model family."
         )
-    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
-    return unet.to(next(adapter.parameters()).dtype).eval()
+    with torch.device("meta"):
+        twin = UNet2DConditionModel.from_config(unet2d.config)
+        unet = UNetMotionModel.from_unet2d(twin, MotionAdapter(**adapter_config(info)), load_weights=False)
+    unet.load_state_dict({**unet2d.state_dict(), **motion}, strict=True, assign=True)
+    return unet.eval()
 
 
 @dataclass(frozen=True)

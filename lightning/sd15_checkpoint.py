@@ -49,17 +49,19 @@ def detect_base_family(keys: set[str]) -> str:
     return "unknown"
 
 
-def load_sd15_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> SD15Components:
-    """Load an SD1.5 single-file checkpoint (safetensors, or a weights-only pickle)."""
+def load_sd15_checkpoint(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> SD15Components:
+    """Load an SD1.5 single-file checkpoint (safetensors, or a weights-only pickle) onto device/dtype."""
     path = Path(path)
     state = load_state_dict(path)
     family = detect_base_family(set(state))
     if family != "sd15":
         raise UnsupportedCheckpointError(_family_message(path.name, family))
     original = infer_original_config(state)
-    unet = _build_unet(state, original, dtype)
-    vae = _build_vae(state, original, dtype)
-    text_encoder = _build_text_encoder(state, dtype)
+    unet = _build_unet(state, original, dtype, device)
+    vae = _build_vae(state, original, dtype, device)
+    text_encoder = _build_text_encoder(state, dtype).to(device)
     scaling = float(original["model"]["params"]["scale_factor"])
     return SD15Components(unet=unet, vae=vae, text_encoder=text_encoder, scaling_factor=scaling)
 
@@ -136,8 +138,8 @@ def _vae_shape_params(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def _load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str, ignore=()) -> None:
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+def _load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str, ignore=(), assign=False) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=assign)
     missing = [k for k in missing if not any(i in k for i in ignore)]
     unexpected = [k for k in unexpected if not any(i in k for i in ignore)]
     if missing or unexpected:
@@ -148,26 +150,31 @@ def _load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: s
         )
 
 
-def _build_unet(state: dict[str, torch.Tensor], original: dict[str, Any], dtype: torch.dtype):
+def _materialize(model_class, config: dict[str, Any], weights: dict[str, torch.Tensor], what: str,
+                 dtype: torch.dtype, device: torch.device | str):
+    """Build on the meta device and adopt the file's tensors (no random init, no second copy)."""
+    with torch.device("meta"):
+        model = model_class(**config)
+    _load_into(model, {k: v.to(device, dtype) for k, v in weights.items()}, what, assign=True)
+    return model.eval()
+
+
+def _build_unet(state, original: dict[str, Any], dtype: torch.dtype, device: torch.device | str):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
     config = create_unet_diffusers_config_from_ldm(original, state)
     weights = convert_ldm_unet_checkpoint(state, config)
-    unet = UNet2DConditionModel(**config)
-    _load_into(unet, weights, "UNet")
-    return unet.to(dtype).eval()
+    return _materialize(UNet2DConditionModel, config, weights, "UNet", dtype, device)
 
 
-def _build_vae(state: dict[str, torch.Tensor], original: dict[str, Any], dtype: torch.dtype):
+def _build_vae(state, original: dict[str, Any], dtype: torch.dtype, device: torch.device | str):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
     config = create_vae_diffusers_config_from_ldm(original, state)
     weights = convert_ldm_vae_checkpoint(state, config)
-    vae = AutoencoderKL(**config)
-    _load_into(vae, weights, "VAE")
-    return vae.to(dtype).eval()
+    return _materialize(AutoencoderKL, config, weights, "VAE", dtype, device)
 
 
 def _build_text_encoder(state: dict[str, torch.Tensor], dtype: torch.dtype):
@@ -192,4 +199,4 @@ def _build_text_encoder(state: dict[str, torch.Tensor], dtype: torch.dtype):
         # transformers >= 5 names CLIPTextModel's tensors without the `text_model.` level the files have
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
     _load_into(model, weights, "text encoder", ignore=("position_ids",))
-    return model.to(dtype).eval()
+    return torch.nn.Module.to(model, dtype).eval()

@@ -140,38 +140,38 @@ class CheckedSettings:
     notes: tuple[str, ...]  # what was filled in or warned about, shown to the user
 
 
+def _violations(variant: Variant, requested: SamplingSettings) -> list[tuple[str, object, str]]:
+    """(field, the variant's value, why) for every setting the variant was not trained for."""
+    found = []
+    if requested.steps < 1 or (variant.allowed_steps is not None and requested.steps not in variant.allowed_steps):
+        found.append(("steps", variant.steps,
+                      f"{variant.label} was trained for steps={_allowed(variant.allowed_steps, variant.steps)}, got "
+                      f"steps={requested.steps}: set steps to {variant.steps} or pick the motion module made for "
+                      f"{requested.steps} steps."))
+    if requested.scheduler not in variant.allowed_spacings:
+        found.append(("scheduler", variant.spacing,
+                      f"{variant.label} needs the {variant.spacing!r} scheduler (ComfyUI: sgm_uniform/simple), got "
+                      f"{requested.scheduler!r}: set scheduler to {variant.spacing!r}."))
+    if requested.cfg < variant.cfg_min:
+        found.append(("cfg", variant.cfg,
+                      f"{variant.label} needs cfg >= {variant.cfg_min} (default {variant.cfg}), got "
+                      f"cfg={requested.cfg}: set cfg to {variant.cfg}."))
+    return found
+
+
 def check_settings(variant: Variant, requested: SamplingSettings, policy: str = "strict") -> CheckedSettings:
     """Validate steps/CFG/scheduler against the variant. strict: raise on mismatch; fill: take the variant's."""
     if policy not in POLICIES:
         raise InvalidSettingError(f"Unknown settings policy {policy!r}; choose 'strict' or 'fill'.")
-    notes: list[str] = []
-    settings = requested
-    steps_ok = variant.allowed_steps is None or requested.steps in variant.allowed_steps
-    if requested.steps < 1 or not steps_ok:
-        if policy == "strict" or requested.steps < 1 and variant.allowed_steps is None:
-            raise SettingsMismatchError(
-                f"{variant.label} was trained for steps={_allowed(variant.allowed_steps, variant.steps)}, "
-                f"got steps={requested.steps}. Set steps to {variant.steps}, pick the motion module made "
-                f"for {requested.steps} steps, or set the loader's policy to 'fill'."
-            )
-        settings = replace(settings, steps=variant.steps)
-        notes.append(f"steps {requested.steps} -> {variant.steps} (policy 'fill', {variant.label})")
-    if requested.scheduler not in variant.allowed_spacings:
-        if policy == "strict":
-            raise SettingsMismatchError(
-                f"{variant.label} needs the {variant.spacing!r} scheduler (ComfyUI: sgm_uniform/simple), "
-                f"got {requested.scheduler!r}. Set scheduler to {variant.spacing!r} or use policy 'fill'."
-            )
-        settings = replace(settings, scheduler=variant.spacing)
-        notes.append(f"scheduler {requested.scheduler} -> {variant.spacing} (policy 'fill')")
-    if requested.cfg < variant.cfg_min:
-        if policy == "strict":
-            raise SettingsMismatchError(
-                f"{variant.label} needs cfg >= {variant.cfg_min} (default {variant.cfg}), got cfg={requested.cfg}. "
-                f"Set cfg to {variant.cfg} or use policy 'fill'."
-            )
-        settings = replace(settings, cfg=variant.cfg)
-        notes.append(f"cfg {requested.cfg} -> {variant.cfg} (policy 'fill')")
+    violations = _violations(variant, requested)
+    if violations and policy == "strict":
+        raise SettingsMismatchError(
+            " ".join(why for _, _, why in violations) + " Or set the loader's policy to 'fill' to use the variant's "
+            "settings."
+        )
+    settings = replace(requested, **{field: value for field, value, _ in violations})
+    notes = [f"{field} {getattr(requested, field)} -> {value} (policy 'fill', {variant.label})"
+             for field, value, _ in violations]
     if settings.cfg > variant.cfg_warn_above:
         notes.append(
             f"warning: cfg {settings.cfg} is above {variant.cfg_warn_above}, the useful maximum for "

@@ -186,3 +186,17 @@ def test_pickles_with_code_are_refused_and_plain_tensor_pickles_load(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ModelFileNotFoundError, match="not found"):
         checkpoints.load_state_dict(tmp_path / "nope.safetensors")
+
+
+def test_pe_buffers_are_carried_over_or_computed_identically():
+    diffusers_state = T.tiny_motion_state_dict(layout="diffusers")
+    pe = diffusers_state["down_blocks.1.motion_modules.0.transformer_blocks.0.pos_embed.pe"]
+    torch.testing.assert_close(MM.sinusoidal_positions(32, pe.shape[-1]), pe)
+    original = T.tiny_motion_state_dict(layout="original")
+    info = MM.inspect_motion_module(original)
+    without_pe = {k: v for k, v in original.items() if not k.endswith("pos_encoder.pe")}
+    a = MM.motion_weights(original, info, torch.float32)
+    b = MM.motion_weights(without_pe, info, torch.float32)
+    assert set(a) == set(b) == set(diffusers_state)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
