@@ -2,7 +2,16 @@
 
 ComfyUI imports this file with importlib (spec_from_file_location), so everything inside the pack
 is imported relatively: top-level `nodes`, `utils`, `models` belong to ComfyUI itself.
+ComfyUI takes NODE_CLASS_MAPPINGS over comfy_entrypoint when both exist, so only one is exported:
+the V3 entrypoint where ComfyUI has the V3 API, else the V1 mappings.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from . import nodes as _nodes
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+comfy_entrypoint = _nodes.v3_entrypoint()
+if comfy_entrypoint is None:
+    del comfy_entrypoint
+    NODE_CLASS_MAPPINGS = _nodes.NODE_CLASS_MAPPINGS
+    NODE_DISPLAY_NAME_MAPPINGS = _nodes.NODE_DISPLAY_NAME_MAPPINGS
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+else:
+    __all__ = ["comfy_entrypoint"]

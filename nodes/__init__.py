@@ -1,20 +1,26 @@
-"""ComfyUI node registrations. Node ids are prefixed `Flipbook` and never renamed."""
+"""ComfyUI registrations. Node ids are prefixed `Flipbook` and never renamed.
+
+Inside a ComfyUI that has the V3 node API (`comfy_api.latest`), the pack registers V3 nodes through
+`comfy_entrypoint`; otherwise (older ComfyUI, headless runs, tests) the same specs become V1 classes.
+"""
 from __future__ import annotations
 
 from . import _comfy
-from .lightning_nodes import FlipbookLightningLoader, FlipbookLightningSampler
-from .video_nodes import FlipbookSaveVideo
+from .lightning_nodes import SPECS as LIGHTNING_SPECS
+from .v1 import v1_class
+from .video_nodes import SPECS as VIDEO_SPECS
 
 _comfy.register_model_folders()
+SPECS = (*LIGHTNING_SPECS, *VIDEO_SPECS)
+NODE_CLASS_MAPPINGS = {spec.node_id: v1_class(spec) for spec in SPECS}
+NODE_DISPLAY_NAME_MAPPINGS = {spec.node_id: spec.display_name for spec in SPECS}
 
-NODE_CLASS_MAPPINGS = {
-    "FlipbookLightningLoader": FlipbookLightningLoader,
-    "FlipbookLightningSampler": FlipbookLightningSampler,
-    "FlipbookSaveVideo": FlipbookSaveVideo,
-}
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "FlipbookLightningLoader": "Flipbook Lightning Loader",
-    "FlipbookLightningSampler": "Flipbook Lightning Sampler",
-    "FlipbookSaveVideo": "Flipbook Save Video",
-}
+def v3_entrypoint():
+    """The V3 `comfy_entrypoint`, or None when ComfyUI's V3 API is not importable."""
+    api = _comfy.v3_api()
+    if api is None:
+        return None
+    from .v3 import v3_entrypoint as build
+
+    return build(SPECS, api)

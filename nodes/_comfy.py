@@ -121,3 +121,10 @@ def progress_reporter(total: int) -> Callable[[int, int], None]:
             log.info("progress %d/%d", done, of)
 
     return report
+
+
+def v3_api():
+    """comfy_api.latest (io, ComfyExtension) when running inside a ComfyUI that has it."""
+    if _headless is not None:
+        return None
+    return _module("comfy_api.latest")

@@ -85,6 +85,11 @@ def test_cli_run_with_overrides_and_inspect(demo_output, capsys):
     assert '"workflow": "3 nodes"' in capsys.readouterr().out
 
 
+def _sampler_inputs(model):
+    return dict(model=model, prompt="a fox", negative="", seed=1, frames=4, width=64, height=64, steps=4, cfg=1.0,
+                scheduler="trailing", motion_scale=1.0)
+
+
 class Interrupted(Exception):
     pass
 
@@ -133,13 +138,14 @@ def test_nodes_inside_comfyui_list_models_report_progress_and_save(fake_comfy, t
     loader = NODE_CLASS_MAPPINGS["FlipbookLightningLoader"]
     choices = loader.INPUT_TYPES()["required"]["motion_model"][0]
     assert "animatediff_lightning_4step_comfyui.safetensors" in choices
-    (model,) = loader().load("tiny_sd15.safetensors", "animatediff_lightning_4step_comfyui.safetensors", "auto", "strict")
-    (frames,) = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().sample(
-        model, "a fox", "", 1, 4, 64, 64, 4, 1.0, "trailing", 1.0)
+    (model,) = loader().execute(ckpt_name="tiny_sd15.safetensors", variant="auto", policy="strict",
+                                motion_model="animatediff_lightning_4step_comfyui.safetensors")
+    (frames,) = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().execute(**_sampler_inputs(model))
     assert frames.shape == (4, 64, 64, 3) and state["updates"][-1][0] == state["updates"][-1][1]
     cli_args.args.disable_metadata = True
-    out = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"]().save(frames, "fb/x", 8.0, "mp4", 19, prompt={"1": {}},
-                                                          extra_pnginfo={"workflow": {"nodes": []}})
+    out = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"]().execute(
+        images=frames, filename_prefix="fb/x", fps=8.0, format="mp4", crf=19, prompt={"1": {}},
+        extra_pnginfo={"workflow": {"nodes": []}})
     entry = out["ui"]["images"][0]
     assert entry["subfolder"] == "fb" and out["ui"]["animated"] == (True,)
     assert read_mp4_metadata(tmp_path / "output" / "fb" / entry["filename"]) == {}  # --disable-metadata
@@ -148,8 +154,65 @@ def test_nodes_inside_comfyui_list_models_report_progress_and_save(fake_comfy, t
 def test_cancel_stops_sampling(fake_comfy):
     state, _ = fake_comfy
     loader = NODE_CLASS_MAPPINGS["FlipbookLightningLoader"]
-    (model,) = loader().load("tiny_sd15.safetensors", "animatediff_lightning_4step_comfyui.safetensors", "auto", "strict")
+    (model,) = loader().execute(ckpt_name="tiny_sd15.safetensors", variant="auto", policy="strict",
+                                motion_model="animatediff_lightning_4step_comfyui.safetensors")
     state["interrupt_after"] = 2
     with pytest.raises(Interrupted):
-        NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().sample(model, "a", "", 1, 4, 64, 64, 4, 1.0, "trailing", 1.0)
+        NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().execute(**_sampler_inputs(model))
     assert len(state["updates"]) == 2 and model.motion_scale.value == 1.0
+
+
+def _fake_io():
+    """Records what the V3 adapter asks of comfy_api's io module."""
+    io = types.SimpleNamespace()
+
+    def kind(type_name):
+        class Input:
+            def __init__(self, name, **kw):
+                self.type, self.name, self.kw = type_name, name, kw
+
+        class Output:
+            def __init__(self, **kw):
+                self.type, self.kw = type_name, kw
+
+        return types.SimpleNamespace(Input=Input, Output=Output)
+
+    for name, type_name in (("Int", "INT"), ("Float", "FLOAT"), ("String", "STRING"), ("Boolean", "BOOLEAN"),
+                            ("Combo", "COMBO"), ("Image", "IMAGE")):
+        setattr(io, name, kind(type_name))
+    io.Custom = kind
+    io.Schema = lambda **kw: types.SimpleNamespace(**kw)
+    io.Hidden = types.SimpleNamespace(prompt="PROMPT", extra_pnginfo="EXTRA_PNGINFO")
+    io.NodeOutput = lambda *args, ui=None: types.SimpleNamespace(args=args, ui=ui)
+    io.ComfyNode = object
+    return io
+
+
+def test_v3_schema_mirrors_the_v1_inputs_in_order():
+    from flipbook_pack.nodes import SPECS
+    from flipbook_pack.nodes.v3 import v3_class
+
+    io = _fake_io()
+    for spec in SPECS:
+        schema = v3_class(spec, io).define_schema()
+        v1 = NODE_CLASS_MAPPINGS[spec.node_id].INPUT_TYPES()
+        assert schema.node_id == spec.node_id and [i.name for i in schema.inputs] == list(v1["required"])
+        for item in schema.inputs:
+            assert item.kw["tooltip"] == v1["required"][item.name][1]["tooltip"]
+        assert [o.type for o in schema.outputs] == list(NODE_CLASS_MAPPINGS[spec.node_id].RETURN_TYPES)
+        assert schema.hidden == [getattr(io.Hidden, h) for h in spec.hidden]
+
+
+def test_v3_execute_passes_hidden_values_and_ui(tmp_path):
+    from flipbook_pack.nodes.v3 import v3_class
+    from flipbook_pack.nodes.video_nodes import SAVE_VIDEO
+
+    node = v3_class(SAVE_VIDEO, _fake_io())
+    node.hidden = types.SimpleNamespace(prompt={"1": {"class_type": "X", "inputs": {}}}, extra_pnginfo={"workflow": {"a": 1}})
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=tmp_path, output_dir=tmp_path))
+    try:
+        out = node.execute(images=torch.rand(2, 16, 16, 3), filename_prefix="v3", fps=8.0, format="mp4", crf=19)
+    finally:
+        _comfy.use_headless(None)
+    saved = tmp_path / out.ui["images"][0]["filename"]
+    assert read_mp4_metadata(saved) == {"workflow": {"a": 1}, "prompt": {"1": {"class_type": "X", "inputs": {}}}}

@@ -1,0 +1,39 @@
+"""Node definitions as data, so one definition serves both ComfyUI node APIs (V3 and V1).
+
+A node is its inputs (in widget order: workflows store widget values positionally), outputs and a
+plain `run` function; `nodes/v3.py` and `nodes/v1.py` turn specs into ComfyUI classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # a widget kind above, or a link type ("IMAGE", "FLIPBOOK_LIGHTNING")
+    tooltip: str
+    options: Mapping[str, Any] = field(default_factory=dict)  # default/min/max/step/round/multiline/...
+    choices: Optional[Callable[[], list[str]]] = None  # COMBO values, computed when ComfyUI asks
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    outputs: tuple = ()
+    ui: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str  # frozen forever once a workflow uses it
+    display_name: str
+    category: str
+    description: str
+    inputs: tuple[Param, ...]
+    outputs: tuple[tuple[str, str], ...]  # (type, name)
+    run: Callable[..., NodeResult]
+    hidden: tuple[str, ...] = ()  # "prompt", "extra_pnginfo"
+    output_node: bool = False
