@@ -28,8 +28,10 @@ ProgressFn = Callable[[int, int], None]
 MOTION_SCALE_RANGE = (0.5, 1.5)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LightningModel:
+    checkpoint_name: str
+    motion_name: str
     unet: torch.nn.Module  # diffusers UNetMotionModel
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
@@ -42,6 +44,11 @@ class LightningModel:
     device: torch.device
     dtype: torch.dtype
     motion_scale: MotionScale
+
+    def __repr__(self) -> str:
+        # ComfyUI prints node inputs in its error reports: keep it to one readable line
+        return (f"LightningModel({self.checkpoint_name} + {self.motion_name}, {self.variant.id}, "
+                f"policy={self.policy}, {self.device.type} {str(self.dtype).removeprefix('torch.')})")
 
 
 def resolve_variant(variant_id: str, motion_file: str, info: MotionModuleInfo) -> V.Variant:
@@ -93,7 +100,7 @@ def load_lightning(
     parts = load_sd15_checkpoint(checkpoint_path, dtype, torch_device)
     unet = _motion_unet(parts.unet, info, motion, checkpoint_path.name, motion_path.name)
     return LightningModel(
-        unet=unet, vae=parts.vae, text_encoder=parts.text_encoder,
+        checkpoint_name=checkpoint_path.name, motion_name=motion_path.name, unet=unet, vae=parts.vae, text_encoder=parts.text_encoder,
         tokenizer=load_tokenizer(tokenizer_dir), scaling_factor=parts.scaling_factor, motion=info,
         variant=variant, policy=policy,
         model_sigmas=discrete_sigmas(variant.beta_schedule, variant.beta_start, variant.beta_end),

@@ -101,3 +101,9 @@ def test_matches_diffusers_animatediff_pipeline(lightning_model):
                   guidance_scale=1.0, latents=noise.clone(), output_type="pt").frames[0]
     ours = P.generate(m, request).frames.permute(0, 3, 1, 2)
     torch.testing.assert_close(ours, theirs.float(), atol=2e-3, rtol=0)
+
+
+def test_model_repr_is_one_short_line(lightning_model):
+    text = repr(lightning_model)
+    assert text == ("LightningModel(tiny_sd15.safetensors + animatediff_lightning_4step_comfyui.safetensors, "
+                    "lightning_4step, policy=strict, cpu float32)")
