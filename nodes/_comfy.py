@@ -128,3 +128,17 @@ def v3_api():
     if _headless is not None:
         return None
     return _module("comfy_api.latest")
+
+
+def make_room(bytes_needed: int) -> None:
+    """Inside ComfyUI: have its model manager unload other models until this much device memory is free.
+
+    Flipbook's models live outside ComfyUI's model management, so without this a previous workflow's
+    checkpoint could stay in VRAM next to ours.
+    """
+    management = None if _headless is not None else _module("comfy.model_management")
+    if management is None:
+        return
+    device = management.get_torch_device()
+    if getattr(device, "type", "cpu") == "cuda":
+        management.free_memory(bytes_needed, device)

@@ -12,11 +12,12 @@ CATEGORY = "Flipbook/Lightning"
 def _load(ckpt_name, motion_model, variant, policy) -> NodeResult:
     from ..lightning.pipeline import load_lightning
 
-    model = load_lightning(
-        _comfy.model_path("checkpoints", ckpt_name),
-        _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion_model),
-        variant_id=variant, policy=policy, tokenizer_dir=_comfy.clip_tokenizer_dir(),
-    )
+    checkpoint = _comfy.model_path("checkpoints", ckpt_name)
+    motion = _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion_model)
+    # fp16 weights + activations of a 16-frame 512px clip: about 1.5x the files' size
+    _comfy.make_room(int(1.5 * (checkpoint.stat().st_size + motion.stat().st_size)))
+    model = load_lightning(checkpoint, motion, variant_id=variant, policy=policy,
+                           tokenizer_dir=_comfy.clip_tokenizer_dir())
     return NodeResult((model,))
 
 

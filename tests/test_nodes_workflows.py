@@ -98,7 +98,7 @@ class Interrupted(Exception):
 def fake_comfy(tiny_models, tmp_path, monkeypatch):
     """Minimal stand-ins for folder_paths, comfy.utils, comfy.model_management, comfy.cli_args."""
     root, _ = tiny_models
-    state = {"interrupt_after": None, "updates": []}
+    state = {"interrupt_after": None, "updates": [], "freed": []}
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.folder_names_and_paths = {"checkpoints": ([str(root / "checkpoints")], {".safetensors"})}
     folder_paths.models_dir = str(root)
@@ -123,6 +123,8 @@ def fake_comfy(tiny_models, tmp_path, monkeypatch):
             raise Interrupted()
 
     management.throw_exception_if_processing_interrupted = check
+    management.get_torch_device = lambda: torch.device("cuda")
+    management.free_memory = lambda needed, device: state["freed"].append(needed)
     cli_args = types.ModuleType("comfy.cli_args")
     cli_args.args = types.SimpleNamespace(disable_metadata=False)
     comfy = types.ModuleType("comfy")
@@ -142,6 +144,7 @@ def test_nodes_inside_comfyui_list_models_report_progress_and_save(fake_comfy, t
                                 motion_model="animatediff_lightning_4step_comfyui.safetensors")
     (frames,) = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().execute(**_sampler_inputs(model))
     assert frames.shape == (4, 64, 64, 3) and state["updates"][-1][0] == state["updates"][-1][1]
+    assert state["freed"] and state["freed"][0] > 1_000_000  # asked ComfyUI to unload models first
     cli_args.args.disable_metadata = True
     out = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"]().execute(
         images=frames, filename_prefix="fb/x", fps=8.0, format="mp4", crf=19, prompt={"1": {}},
