@@ -140,5 +140,11 @@ def make_room(bytes_needed: int) -> None:
     if management is None:
         return
     device = management.get_torch_device()
-    if getattr(device, "type", "cpu") == "cuda":
+    if getattr(device, "type", "cpu") != "cpu":
         management.free_memory(bytes_needed, device)
+
+
+def torch_device() -> Optional[str]:
+    """The device ComfyUI computes on (honours --cpu, --directml, --cuda-device); None when headless."""
+    management = None if _headless is not None else _module("comfy.model_management")
+    return str(management.get_torch_device()) if management is not None else None

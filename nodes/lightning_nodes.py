@@ -16,7 +16,7 @@ def _load(ckpt_name, motion_model, variant, policy) -> NodeResult:
     motion = _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion_model)
     # fp16 weights + activations of a 16-frame 512px clip: about 1.5x the files' size
     _comfy.make_room(int(1.5 * (checkpoint.stat().st_size + motion.stat().st_size)))
-    model = load_lightning(checkpoint, motion, variant_id=variant, policy=policy,
+    model = load_lightning(checkpoint, motion, variant_id=variant, policy=policy, device=_comfy.torch_device(),
                            tokenizer_dir=_comfy.clip_tokenizer_dir())
     return NodeResult((model,))
 

@@ -98,7 +98,7 @@ class Interrupted(Exception):
 def fake_comfy(tiny_models, tmp_path, monkeypatch):
     """Minimal stand-ins for folder_paths, comfy.utils, comfy.model_management, comfy.cli_args."""
     root, _ = tiny_models
-    state = {"interrupt_after": None, "updates": [], "freed": []}
+    state = {"interrupt_after": None, "updates": [], "freed": [], "device": torch.device("cpu")}
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.folder_names_and_paths = {"checkpoints": ([str(root / "checkpoints")], {".safetensors"})}
     folder_paths.models_dir = str(root)
@@ -123,7 +123,7 @@ def fake_comfy(tiny_models, tmp_path, monkeypatch):
             raise Interrupted()
 
     management.throw_exception_if_processing_interrupted = check
-    management.get_torch_device = lambda: torch.device("cuda")
+    management.get_torch_device = lambda: state["device"]
     management.free_memory = lambda needed, device: state["freed"].append(needed)
     cli_args = types.ModuleType("comfy.cli_args")
     cli_args.args = types.SimpleNamespace(disable_metadata=False)
@@ -144,7 +144,7 @@ def test_nodes_inside_comfyui_list_models_report_progress_and_save(fake_comfy, t
                                 motion_model="animatediff_lightning_4step_comfyui.safetensors")
     (frames,) = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().execute(**_sampler_inputs(model))
     assert frames.shape == (4, 64, 64, 3) and state["updates"][-1][0] == state["updates"][-1][1]
-    assert state["freed"] and state["freed"][0] > 1_000_000  # asked ComfyUI to unload models first
+    assert model.device.type == "cpu"  # ComfyUI's device choice (--cpu here) is honoured
     cli_args.args.disable_metadata = True
     out = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"]().execute(
         images=frames, filename_prefix="fb/x", fps=8.0, format="mp4", crf=19, prompt={"1": {}},
@@ -219,3 +219,12 @@ def test_v3_execute_passes_hidden_values_and_ui(tmp_path):
         _comfy.use_headless(None)
     saved = tmp_path / out.ui["images"][0]["filename"]
     assert read_mp4_metadata(saved) == {"workflow": {"a": 1}, "prompt": {"1": {"class_type": "X", "inputs": {}}}}
+
+
+def test_loader_asks_comfyui_to_free_gpu_memory_first(fake_comfy):
+    state, _ = fake_comfy
+    _comfy.make_room(123)
+    assert state["freed"] == []  # nothing to free on a CPU run
+    state["device"] = torch.device("cuda")
+    _comfy.make_room(123)
+    assert state["freed"] == [123] and _comfy.torch_device() == "cuda"
