@@ -14,6 +14,7 @@ WORKFLOWS = PACK_DIR / "workflows"
 DEMO_WORKFLOW = WORKFLOWS / "lightning_4step_t2v.json"
 # tiny models are tiny in width too: the demo samples 64 px so it finishes in seconds on a CPU
 DEMO_OVERRIDES = ("FlipbookLightningSampler.width=64", "FlipbookLightningSampler.height=64")
+FORMATS = ("mp4", "webm", "webp", "png", "gif")
 
 
 def write_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
@@ -41,6 +42,9 @@ def run_workflow(path: Path, models_dir: Path, output_dir: Path, overrides: Sequ
         ui = run_prompt(prompt, NODE_CLASS_MAPPINGS, workflow=workflow)
     finally:
         _comfy.use_headless(None)
+    for out in ui.values():
+        for note in out.get("flipbook_notes", []):
+            logging.warning("%s", note)
     return [output_dir / i["subfolder"] / i["filename"] for out in ui.values() for i in out.get("images", [])]
 
 
@@ -51,7 +55,8 @@ def _demo(args: argparse.Namespace) -> int:
         output_dir = Path(args.output_dir) if args.output_dir else Path.cwd() / "output"
         for written in write_demo_models(models_dir, workflow):
             logging.info("wrote tiny model %s", written)
-        files = run_workflow(DEMO_WORKFLOW, models_dir, output_dir, DEMO_OVERRIDES)
+        overrides = (*DEMO_OVERRIDES, f"FlipbookSaveVideo.format={args.format}")
+        files = run_workflow(DEMO_WORKFLOW, models_dir, output_dir, overrides)
     sys.stdout.write("".join(f"{f}\n" for f in files))
     return 0
 
@@ -67,9 +72,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .core.media_readers import read_mp4_metadata
+    from .core.media_readers import read_workflow
 
-    found = read_mp4_metadata(args.file)
+    found = read_workflow(args.file)
     summary = {k: (f"{len(v.get('nodes', []))} nodes" if k == "workflow" else f"{len(v)} entries")
                for k, v in found.items()}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
@@ -84,6 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("path", choices=["lightning"])
     demo.add_argument("--models-dir", help="keep the tiny models here (ComfyUI models/ layout)")
     demo.add_argument("--output-dir", help="where the video goes (default ./output)")
+    demo.add_argument("--format", choices=FORMATS, default="mp4", help="output format (default mp4)")
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="run a workflow JSON (UI format) headless on real models")
     run.add_argument("workflow")
@@ -91,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--output-dir")
     run.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE")
     run.set_defaults(func=_run)
-    inspect = sub.add_parser("inspect", help="show the workflow/prompt embedded in an MP4")
+    inspect = sub.add_parser("inspect", help="show the workflow/prompt ComfyUI would restore from a saved file")
     inspect.add_argument("file")
     inspect.set_defaults(func=_inspect)
     args = parser.parse_args(argv)

@@ -1,15 +1,13 @@
-"""Encoding frames to video files that carry the ComfyUI workflow.
+"""Saving frames as video files that carry the ComfyUI workflow, atomically and under unique names.
 
-MP4: H.264 through PyAV (ComfyUI's own video library), metadata set on the container before any
-stream is added and `movflags=use_metadata_tags+faststart`, so the keys land as `mdta` entries in
-moov/udta/meta (what the frontend's ISOBMFF reader looks for) and moov precedes mdat, which keeps
-files of any size restorable. Never a `comment` tag (VideoHelperSuite's reader hangs on one).
+Every format either restores its workflow when dropped onto ComfyUI, or comes with a first-frame
+PNG sidecar that does (GIF always; WebM when the metadata outgrows the frontend's 2 MiB window),
+and the result says which, so the node can tell the user.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from fractions import Fraction
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -17,74 +15,101 @@ import numpy as np
 import torch
 
 from .errors import InvalidSettingError, VideoWriteError
-from .video_files import atomic_output, output_folder
+from .video_files import atomic_output, claim_sidecar, output_folder
+from .video_writers import FORMATS, AudioTrack, OutputFormat, VideoSettings, write_png
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class VideoSettings:
-    fps: float = 8.0
-    crf: int = 19
-    pix_fmt: str = "yuv420p"
+__all__ = ["AudioTrack", "FORMATS", "SavedVideo", "VideoSettings", "frames_to_array", "save_video", "save_mp4"]
 
 
 @dataclass(frozen=True)
 class SavedVideo:
     path: Path
     subfolder: str
+    format: str
     frames: int
     width: int
     height: int
+    sidecar: Optional[Path] = None  # first-frame PNG carrying the workflow, when the video cannot
+    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """ComfyUI IMAGE [F, H, W, C] float 0..1 -> uint8 RGB, padded by edge pixels to even sizes (yuv420p)."""
+def frames_to_array(frames: torch.Tensor, sixteen_bit: bool = False, even: bool = True) -> np.ndarray:
+    """ComfyUI IMAGE [F, H, W, C] float 0..1 -> uint8 (or uint16) RGB; edge-padded to even sizes for YUV 4:2:0."""
     if frames.ndim != 4 or frames.shape[-1] not in (3, 4) or frames.shape[0] < 1:
         raise InvalidSettingError(f"Expected IMAGE frames [F, H, W, 3], got shape {tuple(frames.shape)}.")
-    array = (frames[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    pad_h, pad_w = array.shape[1] % 2, array.shape[2] % 2
+    scale, dtype = (65535, torch.int32) if sixteen_bit else (255, torch.uint8)
+    array = (frames[..., :3].float().clamp(0, 1) * scale).round().to(dtype).cpu().numpy()
+    array = array.astype(np.uint16) if sixteen_bit else array
+    pad_h, pad_w = (array.shape[1] % 2, array.shape[2] % 2) if even else (0, 0)
     if pad_h or pad_w:
         array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     return array
 
 
-def encode_mp4(
-    path: Path, frames: np.ndarray, settings: VideoSettings, metadata: Mapping[str, str],
-    progress: Optional[ProgressFn] = None,
-) -> None:
-    import av
-
+def _validate(fmt: OutputFormat, settings: VideoSettings) -> None:
     if not 0 < settings.fps <= 240:
-        raise InvalidSettingError(f"fps={settings.fps}: use a value between 0 and 240.")
-    rate = Fraction(settings.fps).limit_denominator(1001)
-    with av.open(str(path), "w", format="mp4", options={"movflags": "use_metadata_tags+faststart"}) as container:
-        for key, value in metadata.items():
-            container.metadata[key] = value
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = settings.pix_fmt
-        stream.options = {"crf": str(settings.crf)}
-        for index, image in enumerate(frames):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-            if progress is not None:
-                progress(index + 1, len(frames))
-        container.mux(stream.encode())
+        raise InvalidSettingError(f"fps={settings.fps}: use a value above 0 and at most 240.")
+    if fmt.crf_max is not None and not 0 <= settings.crf <= fmt.crf_max:
+        raise InvalidSettingError(f"crf={settings.crf}: {fmt.id} takes 0-{fmt.crf_max} (lower = better quality).")
+    if fmt.pix_fmts and settings.pix_fmt not in fmt.pix_fmts:
+        raise InvalidSettingError(
+            f"pix_fmt={settings.pix_fmt!r} is not available for {fmt.id}; choose one of {', '.join(fmt.pix_fmts)}."
+        )
+    if settings.loop < 0 or not 0 <= settings.quality <= 100:
+        raise InvalidSettingError(f"loop must be >= 0 and quality 0-100, got {settings.loop} and {settings.quality}.")
 
 
-def save_mp4(
-    frames: torch.Tensor, output_dir: Path, filename_prefix: str, settings: VideoSettings,
-    metadata: Mapping[str, str], progress: Optional[ProgressFn] = None,
+def _restores(fmt: OutputFormat, metadata: Mapping[str, str]) -> tuple[bool, Optional[str]]:
+    if not metadata:
+        return True, None
+    if not fmt.restores:
+        return False, f"{fmt.id.upper()} files cannot carry a workflow ComfyUI reads; drop the .png sidecar instead."
+    size = sum(len(k) + len(v) for k, v in metadata.items())
+    if fmt.read_window is not None and size > fmt.read_window - 100 * 1024:
+        return False, (f"The workflow ({size / 2**20:.1f} MiB) is too big for ComfyUI's {fmt.read_window // 2**20} MiB "
+                       f"{fmt.id} reader; drop the .png sidecar to restore it, or save as MP4.")
+    return True, None
+
+
+def save_video(
+    frames: torch.Tensor, output_dir: Path, filename_prefix: str, format_id: str, settings: VideoSettings,
+    metadata: Mapping[str, str], audio: Optional[AudioTrack] = None, progress: Optional[ProgressFn] = None,
 ) -> SavedVideo:
-    """Encode to a temp file, then claim a new `<prefix>_00001_.mp4`; a failure leaves nothing behind."""
-    array = frames_to_uint8(frames)
+    """Encode to a temp file, then claim `<prefix>_00001_.<ext>`; a failure or cancel leaves nothing behind."""
+    if format_id not in FORMATS:
+        raise InvalidSettingError(f"Unknown format {format_id!r}; choose one of {', '.join(FORMATS)}.")
+    fmt = FORMATS[format_id]
+    _validate(fmt, settings)
+    array = frames_to_array(frames, sixteen_bit="10" in settings.pix_fmt, even=bool(fmt.pix_fmts))
+    if settings.pingpong and len(array) > 2:
+        array = np.concatenate([array, array[-2:0:-1]])
+    notes = []
+    if audio is not None and fmt.audio_codec is None:
+        notes.append(f"{fmt.id} has no audio track; the audio input was not saved (use mp4 or webm).")
+        audio = None
+    restores, why = _restores(fmt, metadata)
     folder, base, subfolder = output_folder(Path(output_dir), filename_prefix)
-    with atomic_output(folder, base, ".mp4") as (temp, final):
+    with atomic_output(folder, base, fmt.suffix) as (temp, final):
         try:
-            encode_mp4(temp, array, settings, metadata, progress)
-        except (OSError, ValueError) as exc:
+            fmt.writer(temp, array, settings, metadata, audio, progress)
+        except (OSError, ValueError, RuntimeError) as exc:
             if isinstance(exc, InvalidSettingError):
                 raise
-            raise VideoWriteError(f"Encoding {base}.mp4 failed: {exc}. Nothing was written.") from None
-    return SavedVideo(final[0], subfolder, array.shape[0], array.shape[2], array.shape[1])
+            raise VideoWriteError(f"Writing {base}{fmt.suffix} failed: {exc}. Nothing was written.") from None
+    sidecar = None
+    if not restores:
+        notes.append(why)
+        sidecar = claim_sidecar(final[0], ".png", lambda p: write_png(p, array[:1].astype(np.uint8)
+                                                                      if array.dtype == np.uint8 else
+                                                                      (array[:1] >> 8).astype(np.uint8),
+                                                                      settings, metadata))
+    for note in notes:
+        log.warning("%s", note)
+    return SavedVideo(final[0], subfolder, fmt.id, array.shape[0], array.shape[2], array.shape[1], sidecar, tuple(notes))
+
+
+def save_mp4(frames: torch.Tensor, output_dir: Path, filename_prefix: str, settings: VideoSettings,
+             metadata: Mapping[str, str], progress: Optional[ProgressFn] = None) -> SavedVideo:
+    return save_video(frames, output_dir, filename_prefix, "mp4", settings, metadata, progress=progress)

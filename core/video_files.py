@@ -6,7 +6,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import VideoWriteError
 
@@ -26,7 +26,8 @@ def output_folder(output_dir: Path, filename_prefix: str) -> tuple[Path, str, st
 
 
 def _next_counter(folder: Path, base: str, suffix: str) -> int:
-    pattern = re.compile(re.escape(base) + r"_(\d{5,})_" + re.escape(suffix) + "$")
+    """One counter for every format (as ComfyUI's own savers share it), so sidecars never collide."""
+    pattern = re.compile(re.escape(base) + r"_(\d{5,})_\.")
     numbers = [int(m.group(1)) for p in folder.glob(f"{base}_*") if (m := pattern.match(p.name))]
     return max(numbers, default=0) + 1
 
@@ -77,3 +78,22 @@ def _claim_without_links(temp: Path, target: Path) -> Path:
             target = target.with_name(f"{stem}_{int(counter) + 1:05}_{suffix}")
         except OSError as exc:
             raise VideoWriteError(f"Cannot write {target}: {exc.strerror or exc}.") from None
+
+
+def claim_sidecar(video: Path, suffix: str, write: Callable[[Path], None]) -> Path:
+    """Write a companion file next to `video` (same stem), atomically; never overwrites."""
+    base = video.name[: -len(video.suffix)]
+    handle, temp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial" + suffix, dir=video.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        write(temp)
+        target = video.with_name(base + suffix)
+        try:
+            os.link(temp, target)
+        except FileExistsError:
+            target = video.with_name(base + ".workflow" + suffix)
+            os.replace(temp, target)
+        return target
+    finally:
+        temp.unlink(missing_ok=True)

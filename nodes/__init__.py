@@ -12,8 +12,9 @@ from .video_nodes import SPECS as VIDEO_SPECS
 
 _comfy.register_model_folders()
 SPECS = (*LIGHTNING_SPECS, *VIDEO_SPECS)
-NODE_CLASS_MAPPINGS = {spec.node_id: v1_class(spec) for spec in SPECS}
-NODE_DISPLAY_NAME_MAPPINGS = {spec.node_id: spec.display_name for spec in SPECS}
+V1_SPECS = tuple(spec for spec in SPECS if not spec.needs_video_api)
+NODE_CLASS_MAPPINGS = {spec.node_id: v1_class(spec) for spec in V1_SPECS}
+NODE_DISPLAY_NAME_MAPPINGS = {spec.node_id: spec.display_name for spec in V1_SPECS}
 
 
 def v3_entrypoint():
@@ -23,4 +24,5 @@ def v3_entrypoint():
         return None
     from .v3 import v3_entrypoint as build
 
-    return build(SPECS, api)
+    specs = SPECS if _comfy.has_video_api() else V1_SPECS
+    return build(specs, api)

@@ -25,6 +25,7 @@ class HeadlessHost:
     models_dir: Path
     output_dir: Path
     disable_metadata: bool = False
+    input_dir: Optional[Path] = None
 
 
 _headless: Optional[HeadlessHost] = None
@@ -148,3 +149,42 @@ def torch_device() -> Optional[str]:
     """The device ComfyUI computes on (honours --cpu, --directml, --cuda-device); None when headless."""
     management = None if _headless is not None else _module("comfy.model_management")
     return str(management.get_torch_device()) if management is not None else None
+
+
+def has_video_api() -> bool:
+    api = v3_api()
+    return api is not None and hasattr(api, "InputImpl") and hasattr(getattr(api, "InputImpl"), "VideoFromComponents")
+
+
+def video_from_frames(images, fps: float, audio=None):
+    """ComfyUI's native VIDEO object (comfy_api VideoFromComponents) for our frames."""
+    from fractions import Fraction
+
+    api = v3_api()
+    components = api.Types.VideoComponents(images=images, frame_rate=Fraction(fps).limit_denominator(1001),
+                                           audio=audio)
+    return api.InputImpl.VideoFromComponents(components)
+
+
+def _input_dir() -> Path:
+    folder_paths = _folder_paths()
+    if folder_paths is not None:
+        return Path(folder_paths.get_input_directory())
+    return _headless.input_dir if _headless and _headless.input_dir else Path("input")
+
+
+def input_files() -> list[str]:
+    """Video files in ComfyUI's input folder (top level, as core LoadVideo lists them)."""
+    from ..core.video_reader import VIDEO_SUFFIXES
+
+    folder = _input_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+
+
+def input_path(name: str) -> Path:
+    folder_paths = _folder_paths()
+    if folder_paths is not None:
+        return Path(folder_paths.get_annotated_filepath(name))
+    return _input_dir() / name

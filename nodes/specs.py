@@ -18,6 +18,7 @@ class Param:
     tooltip: str
     options: Mapping[str, Any] = field(default_factory=dict)  # default/min/max/step/round/multiline/...
     choices: Optional[Callable[[], list[str]]] = None  # COMBO values, computed when ComfyUI asks
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,4 @@ class NodeSpec:
     run: Callable[..., NodeResult]
     hidden: tuple[str, ...] = ()  # "prompt", "extra_pnginfo"
     output_node: bool = False
+    needs_video_api: bool = False  # only offered where ComfyUI has its native VIDEO type (V3 API)

@@ -14,7 +14,10 @@ def input_entry(param: Param) -> tuple:
 
 def v1_class(spec: NodeSpec) -> type:
     def input_types(cls):
-        types = {"required": {p.name: input_entry(p) for p in spec.inputs}}
+        types = {"required": {p.name: input_entry(p) for p in spec.inputs if not p.optional}}
+        optional = {p.name: input_entry(p) for p in spec.inputs if p.optional}
+        if optional:
+            types["optional"] = optional
         if spec.hidden:
             types["hidden"] = {name: HIDDEN[name] for name in spec.hidden}
         return types

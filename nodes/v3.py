@@ -6,16 +6,20 @@ from typing import Any
 from .specs import NodeSpec, Param
 
 WIDGETS = {"INT": "Int", "FLOAT": "Float", "STRING": "String", "BOOLEAN": "Boolean"}
-LINKS = {"IMAGE": "Image"}
+LINKS = {"IMAGE": "Image", "AUDIO": "Audio", "VIDEO": "Video", "FLOAT": "Float", "INT": "Int"}
 
 
 def _input(io: Any, param: Param):
+    common = dict(tooltip=param.tooltip, optional=param.optional)
     if param.kind == "COMBO":
-        return io.Combo.Input(param.name, options=param.choices(), tooltip=param.tooltip, **param.options)
+        options = dict(param.options)
+        if options.pop("video_upload", False):  # V1 spelling of the upload button
+            options["upload"] = io.UploadType.video
+        return io.Combo.Input(param.name, options=param.choices(), **common, **options)
     if param.kind in WIDGETS:
-        return getattr(io, WIDGETS[param.kind]).Input(param.name, tooltip=param.tooltip, **param.options)
+        return getattr(io, WIDGETS[param.kind]).Input(param.name, **common, **param.options)
     link = getattr(io, LINKS[param.kind]) if param.kind in LINKS else io.Custom(param.kind)
-    return link.Input(param.name, tooltip=param.tooltip)
+    return link.Input(param.name, **common)
 
 
 def _output(io: Any, kind: str, name: str):

@@ -1,40 +1,92 @@
-"""Saving frames as a video whose embedded workflow restores when dropped into ComfyUI."""
+"""Video nodes: save (every format restores its workflow, or says so and writes a sidecar), frames to
+ComfyUI's native VIDEO, and load a video file into frames."""
 from __future__ import annotations
 
 from ..core.metadata import build_metadata
 from . import _comfy
 from .specs import NodeResult, NodeSpec, Param
 
-FORMATS = ("mp4",)
+FORMAT_HELP = ("mp4: H.264, plays everywhere. webm: VP9. webp: animated WebP. png: APNG (a PNG for 1 frame). "
+               "gif: cannot carry a workflow, so a .png sidecar with the first frame is written next to it. "
+               "mp4/webm/webp/png restore the workflow when dropped onto ComfyUI.")
 
 
-def _save(images, filename_prefix, fps, format, crf, prompt=None, extra_pnginfo=None) -> NodeResult:
-    from ..core.video import VideoSettings, save_mp4
+def _audio_track(audio):
+    """ComfyUI AUDIO {'waveform': [B, C, T], 'sample_rate'} -> core AudioTrack (first batch item)."""
+    from ..core.video import AudioTrack
 
+    if audio is None:
+        return None
+    return AudioTrack(audio["waveform"][0].float().cpu().numpy(), int(audio["sample_rate"]))
+
+
+def _frames_of(images, video, fps, audio):
+    """Frames, fps and audio from IMAGE (+AUDIO) or from a native VIDEO (its own rate and sound)."""
+    from ..core.errors import InvalidSettingError
+
+    if video is not None:
+        parts = video.get_components()
+        return parts.images, float(parts.frame_rate), audio if audio is not None else parts.audio
+    if images is None:
+        raise InvalidSettingError("Connect frames to 'images' (IMAGE) or a video to 'video' (VIDEO).")
+    return images, fps, audio
+
+
+def _save(filename_prefix, fps, format, crf, pix_fmt, loop, pingpong, quality, images=None, audio=None, video=None,
+          prompt=None, extra_pnginfo=None) -> NodeResult:
+    from ..core.video import VideoSettings, save_video
+
+    images, fps, audio = _frames_of(images, video, fps, audio)
+    settings = VideoSettings(fps=fps, crf=crf, pix_fmt=pix_fmt, loop=loop, pingpong=pingpong, quality=quality)
     metadata = build_metadata(prompt, extra_pnginfo, disabled=_comfy.metadata_disabled())
-    saved = save_mp4(
-        images, _comfy.output_dir(), filename_prefix, VideoSettings(fps=fps, crf=crf), metadata,
-        progress=_comfy.progress_reporter(int(images.shape[0])),
-    )
-    entry = {"filename": saved.path.name, "subfolder": saved.subfolder, "type": "output", "format": "video/mp4"}
-    return NodeResult((), {"images": [entry], "animated": (True,)})
+    saved = save_video(images, _comfy.output_dir(), filename_prefix, format, settings, metadata,
+                       audio=_audio_track(audio), progress=_comfy.progress_reporter(int(images.shape[0])))
+    mime = {"mp4": "video/mp4", "webm": "video/webm", "webp": "image/webp", "png": "image/png", "gif": "image/gif"}
+    entry = {"filename": saved.path.name, "subfolder": saved.subfolder, "type": "output", "format": mime[format]}
+    ui = {"images": [entry], "animated": (True,)}
+    if saved.notes:
+        ui["flipbook_notes"] = list(saved.notes)
+    return NodeResult((), ui)
+
+
+def _to_video(images, fps, audio=None) -> NodeResult:
+    return NodeResult((_comfy.video_from_frames(images, fps, audio),))
+
+
+def _load(video, frame_cap, skip_first, every_nth, size_multiple) -> NodeResult:
+    from ..core.video_reader import load_video
+
+    loaded = load_video(_comfy.input_path(video), frame_cap, skip_first, every_nth, int(size_multiple),
+                        progress=_comfy.progress_reporter(frame_cap or 1))
+    return NodeResult((loaded.frames, loaded.fps, int(loaded.frames.shape[0])))
 
 
 SAVE_VIDEO = NodeSpec(
     node_id="FlipbookSaveVideo",
     display_name="Flipbook Save Video",
     category="Flipbook/Video",
-    description="Saves IMAGE frames as H.264 MP4 with the workflow and prompt embedded the way ComfyUI's frontend "
-                "reads them: drop the file onto ComfyUI to get this workflow back.",
+    description="Saves frames as MP4, WebM, animated WebP, PNG/APNG or GIF with the workflow and prompt embedded "
+                "the way ComfyUI's frontend reads them: drop the file onto ComfyUI to get the workflow back.",
     inputs=(
-        Param("images", "IMAGE", "Frames from any node (ComfyUI IMAGE batch)."),
+        Param("images", "IMAGE", "Frames from any node (ComfyUI IMAGE batch).", optional=True),
         Param("filename_prefix", "STRING", "Sub-folder/name inside ComfyUI's output folder; a counter keeps every "
               "save unique.", {"default": "flipbook/video"}),
-        Param("fps", "FLOAT", "Frames per second (AnimateDiff clips: 8).",
+        Param("fps", "FLOAT", "Frames per second (AnimateDiff clips: 8, Wan: 16). A VIDEO input keeps its own.",
               {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1}),
-        Param("format", "COMBO", "Container/codec: H.264 MP4.", {"default": "mp4"}, choices=lambda: list(FORMATS)),
-        Param("crf", "INT", "H.264 quality: lower is better and bigger (17-23 typical).",
-              {"default": 19, "min": 0, "max": 51}),
+        Param("format", "COMBO", FORMAT_HELP, {"default": "mp4"},
+              choices=lambda: ["mp4", "webm", "webp", "png", "gif"]),
+        Param("crf", "INT", "MP4/WebM quality: lower is better and bigger (H.264 0-51, VP9 0-63; 17-23 typical).",
+              {"default": 19, "min": 0, "max": 63}),
+        Param("pix_fmt", "COMBO", "MP4/WebM pixel format: yuv420p plays everywhere; yuv444p keeps full colour "
+              "detail; yuv420p10le (MP4) has 10-bit gradients. Colours are BT.709, limited range, tagged.",
+              {"default": "yuv420p"}, choices=lambda: ["yuv420p", "yuv444p", "yuv420p10le"]),
+        Param("loop", "INT", "GIF/WebP/APNG repeat count; 0 = forever.", {"default": 0, "min": 0, "max": 65535}),
+        Param("pingpong", "BOOLEAN", "Play forward then backward (seamless loop).", {"default": False}),
+        Param("quality", "INT", "WebP quality 0-100; 100 = lossless.", {"default": 90, "min": 0, "max": 100}),
+        Param("audio", "AUDIO", "Optional sound for MP4 (AAC) or WebM (Opus), cut to the video's length.",
+              optional=True),
+        Param("video", "VIDEO", "Optional native ComfyUI VIDEO instead of images (uses its frame rate and sound).",
+              optional=True),
     ),
     outputs=(),
     run=_save,
@@ -42,4 +94,38 @@ SAVE_VIDEO = NodeSpec(
     output_node=True,
 )
 
-SPECS = (SAVE_VIDEO,)
+FRAMES_TO_VIDEO = NodeSpec(
+    node_id="FlipbookFramesToVideo",
+    display_name="Flipbook Frames to Video",
+    category="Flipbook/Video",
+    description="Wraps IMAGE frames (and optional AUDIO) as ComfyUI's native VIDEO, for core video nodes.",
+    inputs=(
+        Param("images", "IMAGE", "Frames from any node."),
+        Param("fps", "FLOAT", "Frames per second.", {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1}),
+        Param("audio", "AUDIO", "Optional sound.", optional=True),
+    ),
+    outputs=(("VIDEO", "video"),),
+    run=_to_video,
+    needs_video_api=True,
+)
+
+LOAD_VIDEO = NodeSpec(
+    node_id="FlipbookLoadVideo",
+    display_name="Flipbook Load Video",
+    category="Flipbook/Video",
+    description="Loads a video from ComfyUI's input folder as IMAGE frames (for video-to-video).",
+    inputs=(
+        Param("video", "COMBO", "A video in ComfyUI's input folder (or upload one).", {"video_upload": True},
+              choices=lambda: _comfy.input_files()),
+        Param("frame_cap", "INT", "Stop after this many frames; 0 = all.", {"default": 16, "min": 0, "max": 10000}),
+        Param("skip_first", "INT", "Frames to skip at the start.", {"default": 0, "min": 0, "max": 100000}),
+        Param("every_nth", "INT", "Keep every n-th frame (2 halves the frame rate).",
+              {"default": 1, "min": 1, "max": 100}),
+        Param("size_multiple", "COMBO", "Resize so width and height are multiples of this (8 for SD1.5, 16 for "
+              "Wan); 1 keeps the size.", {"default": "8"}, choices=lambda: ["1", "8", "16", "32", "64"]),
+    ),
+    outputs=(("IMAGE", "frames"), ("FLOAT", "fps"), ("INT", "frame_count")),
+    run=_load,
+)
+
+SPECS = (SAVE_VIDEO, FRAMES_TO_VIDEO, LOAD_VIDEO)

@@ -23,7 +23,8 @@ def test_node_ids_are_prefixed_and_every_input_has_a_tooltip():
     for node_id, node in NODE_CLASS_MAPPINGS.items():
         assert node_id.startswith("Flipbook") and node.CATEGORY.startswith("Flipbook")
         assert hasattr(node, node.FUNCTION) and node.DESCRIPTION
-        for name, spec in node.INPUT_TYPES()["required"].items():
+        types = node.INPUT_TYPES()
+        for name, spec in {**types["required"], **types.get("optional", {})}.items():
             assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
 
 
@@ -31,7 +32,8 @@ def test_bundled_workflow_is_frontend_shaped_and_uses_only_our_nodes():
     assert WORKFLOW["version"] == 0.4 and WORKFLOW["last_node_id"] == max(n["id"] for n in WORKFLOW["nodes"])
     for node in WORKFLOW["nodes"]:
         node_class = NODE_CLASS_MAPPINGS[node["type"]]
-        widgets = [(n, s) for n, s in node_class.INPUT_TYPES()["required"].items() if _is_widget(s)]
+        types = node_class.INPUT_TYPES()
+        widgets = [(n, s) for n, s in {**types["required"], **types.get("optional", {})}.items() if _is_widget(s)]
         expected = len(widgets) + sum(_has_control_widget(n, s) for n, s in widgets)
         assert len(node["widgets_values"]) == expected, node["type"]
     for link in WORKFLOW["links"]:
@@ -48,6 +50,7 @@ def test_workflow_to_prompt_skips_the_seed_control_value():
     assert sampler["model"] == ["1", 0] and sampler["seed"] == 42 and sampler["frames"] == 16
     assert (sampler["steps"], sampler["cfg"], sampler["scheduler"], sampler["motion_scale"]) == (4, 1.0, "trailing", 1.0)
     assert prompt["3"]["inputs"]["images"] == ["2", 0] and prompt["3"]["inputs"]["crf"] == 19
+    assert prompt["3"]["inputs"]["pingpong"] is False and "audio" not in prompt["3"]["inputs"]
     apply_overrides(prompt, ["FlipbookLightningSampler.width=64", "2.prompt=hello world"])
     assert sampler["width"] == 64 and sampler["prompt"] == "hello world"
 
@@ -83,6 +86,11 @@ def test_cli_run_with_overrides_and_inspect(demo_output, capsys):
     assert video.name == "lightning_00002_.mp4"
     assert cli.main(["inspect", str(video)]) == 0
     assert '"workflow": "3 nodes"' in capsys.readouterr().out
+
+
+def _save_inputs(prefix, fmt="mp4"):
+    return dict(filename_prefix=prefix, fps=8.0, format=fmt, crf=19, pix_fmt="yuv420p", loop=0, pingpong=False,
+                quality=90)
 
 
 def _sampler_inputs(model):
@@ -147,8 +155,7 @@ def test_nodes_inside_comfyui_list_models_report_progress_and_save(fake_comfy, t
     assert model.device.type == "cpu"  # ComfyUI's device choice (--cpu here) is honoured
     cli_args.args.disable_metadata = True
     out = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"]().execute(
-        images=frames, filename_prefix="fb/x", fps=8.0, format="mp4", crf=19, prompt={"1": {}},
-        extra_pnginfo={"workflow": {"nodes": []}})
+        images=frames, prompt={"1": {}}, extra_pnginfo={"workflow": {"nodes": []}}, **_save_inputs("fb/x"))
     entry = out["ui"]["images"][0]
     assert entry["subfolder"] == "fb" and out["ui"]["animated"] == (True,)
     assert read_mp4_metadata(tmp_path / "output" / "fb" / entry["filename"]) == {}  # --disable-metadata
@@ -181,8 +188,9 @@ def _fake_io():
         return types.SimpleNamespace(Input=Input, Output=Output)
 
     for name, type_name in (("Int", "INT"), ("Float", "FLOAT"), ("String", "STRING"), ("Boolean", "BOOLEAN"),
-                            ("Combo", "COMBO"), ("Image", "IMAGE")):
+                            ("Combo", "COMBO"), ("Image", "IMAGE"), ("Audio", "AUDIO"), ("Video", "VIDEO")):
         setattr(io, name, kind(type_name))
+    io.UploadType = types.SimpleNamespace(video="video_upload")
     io.Custom = kind
     io.Schema = lambda **kw: types.SimpleNamespace(**kw)
     io.Hidden = types.SimpleNamespace(prompt="PROMPT", extra_pnginfo="EXTRA_PNGINFO")
@@ -198,10 +206,16 @@ def test_v3_schema_mirrors_the_v1_inputs_in_order():
     io = _fake_io()
     for spec in SPECS:
         schema = v3_class(spec, io).define_schema()
+        if spec.needs_video_api:
+            assert spec.node_id not in NODE_CLASS_MAPPINGS  # no native VIDEO outside ComfyUI's V3 API
+            continue
         v1 = NODE_CLASS_MAPPINGS[spec.node_id].INPUT_TYPES()
-        assert schema.node_id == spec.node_id and [i.name for i in schema.inputs] == list(v1["required"])
+        v1_inputs = {**v1["required"], **v1.get("optional", {})}
+        assert schema.node_id == spec.node_id and [i.name for i in schema.inputs] == [p.name for p in spec.inputs]
+        assert set(v1_inputs) == {p.name for p in spec.inputs}
         for item in schema.inputs:
-            assert item.kw["tooltip"] == v1["required"][item.name][1]["tooltip"]
+            assert item.kw["tooltip"] == v1_inputs[item.name][1]["tooltip"]
+            assert item.kw["optional"] == (item.name in v1.get("optional", {}))
         assert [o.type for o in schema.outputs] == list(NODE_CLASS_MAPPINGS[spec.node_id].RETURN_TYPES)
         assert schema.hidden == [getattr(io.Hidden, h) for h in spec.hidden]
 
@@ -214,7 +228,7 @@ def test_v3_execute_passes_hidden_values_and_ui(tmp_path):
     node.hidden = types.SimpleNamespace(prompt={"1": {"class_type": "X", "inputs": {}}}, extra_pnginfo={"workflow": {"a": 1}})
     _comfy.use_headless(_comfy.HeadlessHost(models_dir=tmp_path, output_dir=tmp_path))
     try:
-        out = node.execute(images=torch.rand(2, 16, 16, 3), filename_prefix="v3", fps=8.0, format="mp4", crf=19)
+        out = node.execute(images=torch.rand(2, 16, 16, 3), **_save_inputs("v3"))
     finally:
         _comfy.use_headless(None)
     saved = tmp_path / out.ui["images"][0]["filename"]

@@ -1,34 +1,43 @@
-"""MP4 output: the frontend's reader recovers exactly what went in; failures leave nothing behind."""
+"""Every output format: the frontend's own reading rules recover exactly what went in; failures leave nothing."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
+from flipbook_pack.core import video
 from flipbook_pack.core.errors import InvalidSettingError, VideoWriteError
-from flipbook_pack.core.media_readers import read_mp4_metadata
+from flipbook_pack.core.media_readers import read_mp4_metadata, read_webp_metadata, read_workflow
 from flipbook_pack.core.metadata import build_metadata, encode_value
-from flipbook_pack.core.video import VideoSettings, save_mp4
+from flipbook_pack.core.video import AudioTrack, VideoSettings, save_video
 
 WAN_NEGATIVE = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止"
-WORKFLOW = {"nodes": [{"id": 1, "widgets_values": [WAN_NEGATIVE, "open { only", 'say "hi" }}', float("nan"), 1.5]}],
-            "links": [], "version": 0.4}
+WORKFLOW = {"nodes": [{"id": 1, "widgets_values": [WAN_NEGATIVE, "open { only", 'say "hi" }}', float("nan"), 1.5,
+                                                   "back\\slash\nnew line", "emoji 🎞️"]}], "links": [], "version": 0.4}
 PROMPT = {"1": {"class_type": "X", "inputs": {"text": "{a} and {{b}", "inf": float("inf")}}}
+RESTORING = ("mp4", "webm", "webp", "png")
 
 
-def _frames(n=4, h=16, w=16):
-    return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(0))
+def _frames(n=4, h=16, w=16, seed=0):
+    return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def _expected(value):
+    return json.loads(encode_value(value))
 
 
 def test_encoding_is_ascii_single_json_null_for_nonfinite_and_no_raw_braces_in_strings():
     text = encode_value(WORKFLOW)
     assert text.isascii() and "NaN" not in text
     decoded = json.loads(text)
-    assert decoded["nodes"][0]["widgets_values"] == [WAN_NEGATIVE, "open { only", 'say "hi" }}', None, 1.5]
+    assert decoded["nodes"][0]["widgets_values"][:5] == [WAN_NEGATIVE, "open { only", 'say "hi" }}', None, 1.5]
     body = text.replace("\\u007b", "").replace("\\u007d", "")
-    assert body.count("{") == body.count("}")  # brace counting finds the true end of the JSON
+    assert body.count("{") == body.count("}")
 
 
 def test_metadata_keys_and_disable_flag():
@@ -38,45 +47,156 @@ def test_metadata_keys_and_disable_flag():
     assert build_metadata(PROMPT, {"workflow": WORKFLOW}, disabled=True) == {}
 
 
-def test_mp4_round_trips_workflow_and_prompt_via_the_frontend_rules(tmp_path):
+@pytest.mark.parametrize("fmt", RESTORING)
+def test_each_format_restores_workflow_and_prompt(tmp_path, fmt):
     meta = build_metadata(PROMPT, {"workflow": WORKFLOW})
-    saved = save_mp4(_frames(), tmp_path, "sub/clip", VideoSettings(fps=8), meta)
-    assert saved.path == tmp_path / "sub" / "clip_00001_.mp4" and saved.subfolder == "sub"
-    found = read_mp4_metadata(saved.path)
-    assert found["workflow"] == json.loads(encode_value(WORKFLOW))
-    assert found["prompt"]["1"]["inputs"] == {"text": "{a} and {{b}", "inf": None}
+    saved = save_video(_frames(), tmp_path, "sub/clip", fmt, VideoSettings(fps=8), meta)
+    assert saved.path == tmp_path / "sub" / f"clip_00001_.{fmt}" and saved.sidecar is None and not saved.notes
+    found = read_workflow(saved.path)
+    assert found == {"workflow": _expected(WORKFLOW), "prompt": _expected(PROMPT)}
     data = saved.path.read_bytes()
-    assert data.index(b"moov") < data.index(b"mdat")  # faststart: restorable at any size
-    assert b"\xa9cmt" not in data and b"comment" not in data.lower()
+    assert b"\xa9cmt" not in data and b"COMMENT" not in data and b"comment" not in data.lower()
 
 
-def test_frames_fps_and_even_padding(tmp_path):
+def test_mp4_puts_moov_first(tmp_path):
+    saved = save_video(_frames(), tmp_path, "clip", "mp4", VideoSettings(), build_metadata(PROMPT, None))
+    data = saved.path.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")
+
+
+def test_gif_cannot_restore_so_a_sidecar_png_does(tmp_path):
+    meta = build_metadata(PROMPT, {"workflow": WORKFLOW})
+    saved = save_video(_frames(), tmp_path, "clip", "gif", VideoSettings(loop=3), meta)
+    assert saved.path.name == "clip_00001_.gif" and read_workflow(saved.path) == {}
+    assert saved.sidecar == tmp_path / "clip_00001_.png" and "sidecar" in saved.notes[0]
+    assert read_workflow(saved.sidecar) == {"workflow": _expected(WORKFLOW), "prompt": _expected(PROMPT)}
+    from PIL import Image
+
+    with Image.open(saved.path) as gif:
+        assert gif.n_frames == 4 and gif.info["loop"] == 3
+    again = save_video(_frames(), tmp_path, "clip", "png", VideoSettings(), meta)
+    assert again.path.name == "clip_00002_.png"  # one counter for all formats: no clash with the sidecar
+
+
+def test_megabyte_workflow_restores_in_every_format(tmp_path):
+    big = {"nodes": [{"id": i, "widgets_values": ["a{b}" * 10 + "z" * 600]} for i in range(1500)]}
+    meta = build_metadata(PROMPT, {"workflow": big})
+    assert 1_000_000 < len(meta["workflow"]) < 1_500_000
+    for fmt in RESTORING:
+        saved = save_video(_frames(2), tmp_path, fmt, fmt, VideoSettings(), meta)
+        assert read_workflow(saved.path)["workflow"] == big, fmt
+
+
+def test_webm_over_the_2mib_window_gets_a_sidecar_and_a_plain_note(tmp_path):
+    huge = {"nodes": [{"id": i, "widgets_values": ["y" * 1000]} for i in range(2500)]}
+    saved = save_video(_frames(2), tmp_path, "w", "webm", VideoSettings(), build_metadata(None, {"workflow": huge}))
+    assert "too big" in saved.notes[0] and read_workflow(saved.sidecar)["workflow"] == huge
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_still_looking_webp_is_written_as_an_animation_old_frontends_can_read(tmp_path, count):
+    frames = torch.full((count, 17, 17, 3), 0.5)  # identical frames: libwebp would write a still image
+    saved = save_video(frames, tmp_path, "s", "webp", VideoSettings(quality=100), build_metadata(PROMPT, None))
+    assert b"ANMF" in saved.path.read_bytes()
+    assert read_webp_metadata(saved.path, legacy_padding_bug=True)["prompt"] == _expected(PROMPT)
+    from PIL import Image
+
+    with Image.open(saved.path) as image:
+        image.load()
+        assert image.size == (17, 17)
+
+
+def test_one_and_two_hundred_frames_and_odd_sizes(tmp_path):
     import av
 
-    saved = save_mp4(_frames(n=16, h=17, w=31), tmp_path, "odd", VideoSettings(fps=12.5), {})
-    with av.open(str(saved.path)) as container:
-        stream = container.streams.video[0]
-        assert (stream.width, stream.height) == (32, 18)
-        assert sum(1 for _ in container.decode(stream)) == 16
-        assert float(stream.average_rate) == pytest.approx(12.5)
+    one = save_video(_frames(1, 17, 31), tmp_path, "one", "mp4", VideoSettings(), {})
+    many = save_video(_frames(200, 8, 8), tmp_path, "many", "webm", VideoSettings(fps=24), {})
+    for saved, frames, size in ((one, 1, (32, 18)), (many, 200, (8, 8))):
+        with av.open(str(saved.path)) as container:
+            stream = container.streams.video[0]
+            assert (stream.codec_context.width, stream.codec_context.height) == size
+            assert sum(1 for _ in container.decode(stream)) == frames
+    png = save_video(_frames(3, 17, 31), tmp_path, "odd", "png", VideoSettings(), {})
+    from PIL import Image
+
+    with Image.open(png.path) as image:
+        assert image.size == (31, 17) and image.n_frames == 3  # image formats keep the exact size
+
+
+def test_colours_survive_h264_with_bt709_tags(tmp_path):
+    import av
+
+    patches = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]])
+    frames = patches.repeat_interleave(16, 0)[None, :, None, :].expand(1, 64, 16, 3).contiguous()
+    for pix_fmt in ("yuv420p", "yuv444p", "yuv420p10le"):
+        saved = save_video(frames, tmp_path, pix_fmt, "mp4", VideoSettings(crf=0, pix_fmt=pix_fmt), {})
+        with av.open(str(saved.path)) as container:
+            context = container.streams.video[0].codec_context
+            assert (context.colorspace, context.color_primaries, context.color_trc, context.color_range) == (1, 1, 1, 1)
+            frame = next(container.decode(video=0))
+            rgb = frame.reformat(format="rgb24", src_colorspace="ITU709", src_color_range="MPEG",
+                                 dst_color_range="JPEG").to_ndarray()
+        for row, colour in zip((8, 24, 40, 56), patches):
+            assert np.abs(rgb[row, 8] / 255.0 - colour.numpy()).max() < 0.03, (pix_fmt, colour)
+
+
+def test_audio_is_muxed_and_the_workflow_still_restores(tmp_path):
+    import av
+
+    rate = 44100
+    tone = np.sin(np.linspace(0, 2000 * np.pi, rate * 3, dtype=np.float32))[None].repeat(2, 0)
+    meta = build_metadata(PROMPT, {"workflow": WORKFLOW})
+    for fmt in ("mp4", "webm"):
+        saved = save_video(_frames(8), tmp_path, "a", fmt, VideoSettings(fps=8), meta, audio=AudioTrack(tone, rate))
+        assert read_workflow(saved.path)["workflow"] == _expected(WORKFLOW)
+        with av.open(str(saved.path)) as container:
+            audio = container.streams.audio[0]
+            samples = sum(f.samples for f in container.decode(audio))
+            assert audio.codec_context.name in ("aac", "opus") and 0.9 < samples / audio.rate < 1.2  # cut to 1 s
+    note = save_video(_frames(2), tmp_path, "a", "gif", VideoSettings(), {}, audio=AudioTrack(tone, rate)).notes
+    assert "no audio" in note[0]
+
+
+def test_pingpong_and_loop(tmp_path):
+    from PIL import Image
+
+    saved = save_video(_frames(5), tmp_path, "pp", "webp", VideoSettings(pingpong=True, loop=2), {})
+    with Image.open(saved.path) as image:
+        assert image.n_frames == 8 and image.info.get("loop") == 2
 
 
 def test_names_are_unique_and_never_overwrite(tmp_path):
-    first = save_mp4(_frames(1), tmp_path, "clip", VideoSettings(), {})
-    second = save_mp4(_frames(1), tmp_path, "clip", VideoSettings(), {})
+    first = save_video(_frames(1), tmp_path, "clip", "mp4", VideoSettings(), {})
+    second = save_video(_frames(1), tmp_path, "clip", "mp4", VideoSettings(), {})
     assert (first.path.name, second.path.name) == ("clip_00001_.mp4", "clip_00002_.mp4")
 
 
-def test_failed_encode_leaves_nothing(tmp_path, monkeypatch):
-    from flipbook_pack.core import video
-
+def _break_writer(monkeypatch, fmt, error):
     def boom(path, *a, **k):
         path.write_bytes(b"partial")
-        raise OSError("disk full")
+        raise error
 
-    monkeypatch.setattr(video, "encode_mp4", boom)
-    with pytest.raises(VideoWriteError, match="disk full"):
-        save_mp4(_frames(), tmp_path, "clip", VideoSettings(), {})
+    monkeypatch.setattr(video, "FORMATS", {**video.FORMATS, fmt: dataclasses.replace(video.FORMATS[fmt], writer=boom)})
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif"])
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch, fmt):
+    _break_writer(monkeypatch, fmt, OSError(28, "No space left on device"))
+    with pytest.raises(VideoWriteError, match="No space left"):
+        save_video(_frames(), tmp_path, "clip", fmt, VideoSettings(), build_metadata(PROMPT, None))
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_cancel_mid_encode_leaves_nothing(tmp_path):
+    class Cancelled(Exception):
+        pass
+
+    def progress(done, total):
+        if done == 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        save_video(_frames(8), tmp_path, "clip", "mp4", VideoSettings(), {}, progress=progress)
     assert list(tmp_path.rglob("*")) == []
 
 
@@ -85,7 +205,7 @@ def test_unwritable_folder(tmp_path):
     tmp_path.chmod(0o500)
     try:
         with pytest.raises(VideoWriteError, match="Cannot write"):
-            save_mp4(_frames(), tmp_path, "clip", VideoSettings(), {})
+            save_video(_frames(), tmp_path, "clip", "mp4", VideoSettings(), {})
     finally:
         tmp_path.chmod(0o700)
 
@@ -93,18 +213,44 @@ def test_unwritable_folder(tmp_path):
 def test_output_that_is_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "sub").write_text("not a folder")
     with pytest.raises(VideoWriteError, match="Cannot write"):
-        save_mp4(_frames(), tmp_path, "sub/clip", VideoSettings(), {})
+        save_video(_frames(), tmp_path, "sub/clip", "mp4", VideoSettings(), {})
 
 
 @pytest.mark.parametrize("prefix", ["../escape", "/abs/clip", "a/../../b"])
 def test_prefix_cannot_leave_the_output_folder(tmp_path, prefix):
     with pytest.raises(VideoWriteError):
-        save_mp4(_frames(), tmp_path / "out", prefix, VideoSettings(), {})
+        save_video(_frames(), tmp_path / "out", prefix, "mp4", VideoSettings(), {})
 
 
-def test_bad_frames_and_fps_write_nothing(tmp_path):
+@pytest.mark.parametrize("fmt,change,match", [
+    ("mp4", dict(fps=0), "fps"), ("mp4", dict(crf=60), "crf"), ("webm", dict(pix_fmt="yuv420p10le"), "pix_fmt"),
+    ("webp", dict(quality=101), "quality"), ("avi", {}, "Unknown format"),
+])
+def test_bad_settings_write_nothing(tmp_path, fmt, change, match):
+    with pytest.raises(InvalidSettingError, match=match):
+        save_video(_frames(), tmp_path, "clip", fmt, VideoSettings(**change), {})
     with pytest.raises(InvalidSettingError):
-        save_mp4(torch.rand(4, 16, 16), tmp_path, "clip", VideoSettings(), {})
-    with pytest.raises(InvalidSettingError, match="fps"):
-        save_mp4(_frames(), tmp_path, "clip", VideoSettings(fps=0), {})
-    assert list(tmp_path.rglob("*.mp4")) == [] and not any(p.is_file() for p in tmp_path.rglob("*"))
+        save_video(torch.rand(4, 16, 16), tmp_path, "clip", "mp4", VideoSettings(), {})
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_mp4_reader_follows_the_64mib_window_rule(tmp_path):
+    saved = save_video(_frames(), tmp_path, "clip", "mp4", VideoSettings(), build_metadata(PROMPT, None))
+    assert read_mp4_metadata(saved.path)["prompt"] == _expected(PROMPT)
+
+
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=True, allow_infinity=True) | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(workflow=st.dictionaries(_text, _json, max_size=5), prompt=st.dictionaries(_text, _json, max_size=3))
+def test_random_workflows_round_trip_through_every_format(tmp_path, workflow, prompt):
+    meta = build_metadata(prompt, {"workflow": workflow})
+    frames = _frames(2, 8, 8)
+    for fmt in (*RESTORING, "gif"):
+        saved = save_video(frames, tmp_path, f"h/{fmt}", fmt, VideoSettings(), meta)
+        found = read_workflow(saved.sidecar or saved.path)
+        assert found == {"workflow": _expected(workflow), "prompt": _expected(prompt)}, fmt
