@@ -18,7 +18,7 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".gif", ".web
 class LoadedVideo:
     frames: torch.Tensor  # [F, H, W, 3] float32 0..1
     fps: float
-    source_frames: int  # frames decoded before skipping/capping
+    source_frames: int  # frames decoded (skipped ones included) before stopping
 
 
 # AVColorSpace code -> swscale matrix name (ISO/IEC 23091-4 numbering)

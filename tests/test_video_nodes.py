@@ -1,0 +1,125 @@
+"""Load Video, native VIDEO interop, and `flipbook demo --format` for every format."""
+from __future__ import annotations
+
+import json
+import types
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flipbook_pack import NODE_CLASS_MAPPINGS, cli
+from flipbook_pack.core.errors import InvalidSettingError, ModelFileNotFoundError
+from flipbook_pack.core.media_readers import read_workflow
+from flipbook_pack.core.video import VideoSettings, save_video
+from flipbook_pack.core.video_reader import load_video
+from flipbook_pack.nodes import _comfy
+from flipbook_pack.nodes.video_nodes import SAVE_VIDEO
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _gradient(frames=6, h=24, w=40):
+    y = torch.linspace(0, 1, h)[None, :, None, None].expand(frames, h, w, 1)
+    x = torch.linspace(0, 1, w)[None, None, :, None].expand(frames, h, w, 1)
+    t = torch.linspace(0, 1, frames)[:, None, None, None].expand(frames, h, w, 1)
+    return torch.cat([x, y, t], dim=-1).contiguous()
+
+
+@pytest.fixture()
+def host(tmp_path):
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=tmp_path / "models", output_dir=tmp_path / "out",
+                                            input_dir=tmp_path / "in"))
+    yield tmp_path
+    _comfy.use_headless(None)
+
+
+def test_load_video_round_trips_frames_colour_and_fps(tmp_path):
+    frames = _gradient()
+    saved = save_video(frames, tmp_path, "src", "mp4", VideoSettings(fps=12, crf=0, pix_fmt="yuv444p"), {})
+    loaded = load_video(saved.path)
+    assert loaded.frames.shape == (6, 24, 40, 3) and loaded.fps == pytest.approx(12)
+    assert float((loaded.frames - frames).abs().mean()) < 0.01  # BT.709 in, BT.709 out: no colour shift
+
+
+def test_load_video_cuts_and_resizes(tmp_path):
+    saved = save_video(_gradient(frames=10, h=30, w=44), tmp_path, "src", "webm", VideoSettings(fps=10), {})
+    loaded = load_video(saved.path, frame_cap=3, skip_first=2, every_nth=2, size_multiple=16)
+    assert loaded.frames.shape == (3, 32, 48, 3) and loaded.fps == pytest.approx(5) and loaded.source_frames == 7
+
+
+def test_load_video_errors(tmp_path):
+    with pytest.raises(ModelFileNotFoundError):
+        load_video(tmp_path / "missing.mp4")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(InvalidSettingError, match="could not be decoded"):
+        load_video(tmp_path / "bad.mp4")
+    saved = save_video(_gradient(frames=2), tmp_path, "s", "mp4", VideoSettings(), {})
+    with pytest.raises(InvalidSettingError, match="no frames left"):
+        load_video(saved.path, skip_first=5)
+
+
+def test_load_video_node_lists_the_input_folder(host):
+    (host / "in").mkdir()
+    save_video(_gradient(), host / "in", "clip", "mp4", VideoSettings(fps=8), {})
+    (host / "in" / "notes.txt").write_text("x")
+    node = NODE_CLASS_MAPPINGS["FlipbookLoadVideo"]
+    spec = node.INPUT_TYPES()["required"]["video"]
+    assert spec[0] == ["clip_00001_.mp4"] and spec[1]["video_upload"] is True
+    frames, fps, count = node().execute(video="clip_00001_.mp4", frame_cap=4, skip_first=0, every_nth=1,
+                                        size_multiple="8")
+    assert frames.shape == (4, 24, 40, 3) and fps == pytest.approx(8) and count == 4
+
+
+class _FakeVideo:
+    def __init__(self, images, rate, audio=None):
+        self._parts = types.SimpleNamespace(images=images, frame_rate=Fraction(rate), audio=audio)
+
+    def get_components(self):
+        return self._parts
+
+
+def test_save_node_takes_a_native_video_with_its_own_rate_and_sound(host):
+    rate = 16000
+    audio = {"waveform": torch.zeros(1, 1, rate * 2), "sample_rate": rate}
+    out = SAVE_VIDEO.run(filename_prefix="native", fps=99.0, format="mp4", crf=19, pix_fmt="yuv420p", loop=0,
+                         pingpong=False, quality=90, video=_FakeVideo(_gradient(frames=8), 16, audio),
+                         prompt={"1": {"class_type": "X", "inputs": {}}})
+    import av
+
+    path = host / "out" / out.ui["images"][0]["filename"]
+    with av.open(str(path)) as container:
+        assert float(container.streams.video[0].average_rate) == 16 and len(container.streams.audio) == 1
+    assert read_workflow(path)["prompt"] == {"1": {"class_type": "X", "inputs": {}}}
+    with pytest.raises(InvalidSettingError, match="Connect frames"):
+        SAVE_VIDEO.run(filename_prefix="x", fps=8.0, format="mp4", crf=19, pix_fmt="yuv420p", loop=0,
+                       pingpong=False, quality=90)
+
+
+def test_frames_to_video_uses_comfyuis_own_video_class(monkeypatch):
+    from flipbook_pack.nodes.video_nodes import FRAMES_TO_VIDEO
+
+    class VideoFromComponents:
+        def __init__(self, components):
+            self.components = components
+
+    api = types.SimpleNamespace(Types=types.SimpleNamespace(VideoComponents=lambda **kw: types.SimpleNamespace(**kw)),
+                                InputImpl=types.SimpleNamespace(VideoFromComponents=VideoFromComponents))
+    monkeypatch.setattr(_comfy, "v3_api", lambda: api)
+    (video,) = FRAMES_TO_VIDEO.run(images=_gradient(), fps=12.5).outputs
+    assert isinstance(video, VideoFromComponents) and video.components.frame_rate == Fraction(25, 2)
+    assert _comfy.has_video_api()
+
+
+@pytest.mark.parametrize("fmt", ["webm", "webp", "png", "gif"])
+def test_demo_writes_every_format(tmp_path, capsys, fmt):
+    assert cli.main(["demo", "lightning", "--format", fmt, "--models-dir", str(tmp_path / "m"),
+                     "--output-dir", str(tmp_path / "out")]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path.suffix == f".{fmt}"
+    restored = read_workflow(path.with_suffix(".png") if fmt == "gif" else path)
+    workflow = json.loads((ROOT / "workflows" / "lightning_4step_t2v.json").read_text())
+    assert restored["workflow"]["nodes"] == workflow["nodes"]
+    assert restored["prompt"]["3"]["inputs"]["format"] == fmt
