@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptFileError, ModelFileNotFoundError, UnsafeFileError
+from .errors import CorruptFileError, ModelFileNotFoundError, UnsafeFileError, UnsupportedCheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -57,6 +57,11 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         return _load_weights_only_pickle(path)
+    if suffix not in SAFETENSORS_SUFFIXES:
+        raise UnsupportedCheckpointError(
+            f"{path.name}: Flipbook reads .safetensors/.sft files and weights-only {', '.join(PICKLE_SUFFIXES)} "
+            f"pickles, not {suffix or 'files without an extension'}. Use the model's .safetensors release."
+        )
     read_safetensors_header(path)
     from safetensors.torch import load_file
 

@@ -28,8 +28,26 @@ def output_folder(output_dir: Path, filename_prefix: str) -> tuple[Path, str, st
 def _next_counter(folder: Path, base: str, suffix: str) -> int:
     """One counter for every format (as ComfyUI's own savers share it), so sidecars never collide."""
     pattern = re.compile(re.escape(base) + r"_(\d{5,})_\.")
-    numbers = [int(m.group(1)) for p in folder.glob(f"{base}_*") if (m := pattern.match(p.name))]
+    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := pattern.match(name))]
     return max(numbers, default=0) + 1
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (ComfyUI saves from a worker thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> None:
+    """mkstemp makes 0600 files; outputs get the usual 0666 & ~umask so servers and other users can read them."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 @contextmanager
@@ -48,6 +66,7 @@ def atomic_output(folder: Path, base: str, suffix: str) -> Iterator[tuple[Path, 
     temp, final = Path(temp_name), []
     try:
         yield temp, final
+        _publish_mode(temp)
         final.append(_claim_name(temp, folder, base, suffix))
     finally:
         temp.unlink(missing_ok=True)
@@ -71,12 +90,17 @@ def _claim_without_links(temp: Path, target: Path) -> Path:
     while True:
         try:
             os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            os.replace(temp, target)
-            return target
         except FileExistsError:
             stem, counter, suffix = target.name.rsplit("_", 2)
             target = target.with_name(f"{stem}_{int(counter) + 1:05}_{suffix}")
+            continue
         except OSError as exc:
+            raise VideoWriteError(f"Cannot write {target}: {exc.strerror or exc}.") from None
+        try:
+            os.replace(temp, target)
+            return target
+        except OSError as exc:
+            target.unlink(missing_ok=True)  # the empty placeholder must not stay behind
             raise VideoWriteError(f"Cannot write {target}: {exc.strerror or exc}.") from None
 
 
@@ -88,12 +112,13 @@ def claim_sidecar(video: Path, suffix: str, write: Callable[[Path], None]) -> Pa
     temp = Path(temp_name)
     try:
         write(temp)
-        target = video.with_name(base + suffix)
-        try:
-            os.link(temp, target)
-        except FileExistsError:
-            target = video.with_name(base + ".workflow" + suffix)
-            os.replace(temp, target)
-        return target
+        _publish_mode(temp)
+        for name in (base + suffix, *(f"{base}.workflow{n or ''}{suffix}" for n in range(100))):
+            try:
+                os.link(temp, video.with_name(name))
+                return video.with_name(name)
+            except FileExistsError:
+                continue
+        raise VideoWriteError(f"No free name for the sidecar of {video.name}.")
     finally:
         temp.unlink(missing_ok=True)

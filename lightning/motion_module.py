@@ -43,9 +43,10 @@ def inspect_motion_module(state: dict[str, torch.Tensor], file_name: str = "moti
             f"{file_name}: down blocks {sorted(down_indices)} fit neither SD1.5 (0-3) nor SDXL (0-2) motion modules."
         )
     family = families[max(down_indices)]
-    pe_key = next(k for k in keys if k.endswith("pos_encoder.pe") or k.endswith("pos_embed.pe"))
-    max_frames = int(state[pe_key].shape[1])
     has_mid = any(k.startswith("mid_block.") for k in keys)
+    pe_key = next((k for k in keys if k.endswith("pos_encoder.pe") or k.endswith("pos_embed.pe")), None)
+    # a diffusers file saved without its (recomputable) PE buffers: every v2/v3 module was trained with 32
+    max_frames = int(state[pe_key].shape[1]) if pe_key else 32
     version = "v2" if has_mid else ("v3" if family == "sd15" and max_frames == 32 else "v1")
     channels = tuple(
         int(state[_proj_in_key(i, keys)].shape[0]) for i in range(max(down_indices) + 1)
@@ -60,12 +61,13 @@ def _proj_in_key(block: int, keys: list[str]) -> str:
 
 
 def _detect_layout(keys: list[str], file_name: str) -> str:
-    if any("temporal_attentions" in k for k in keys):
+    if any("temporal_attentions" in k or k.endswith("pos_encoder.positional_encoding") for k in keys):
         raise UnsupportedCheckpointError(
             f"{file_name} is a HotShot-XL temporal-layers file; Flipbook loads AnimateDiff motion modules only."
         )
     motion = [k for k in keys if ".motion_modules." in k]
-    if motion and not any("pos_encoder" in k or "pos_embed" in k for k in motion):
+    original = [k for k in motion if ".temporal_transformer." in k]
+    if original and not any("pos_encoder" in k for k in original):
         raise UnsupportedCheckpointError(
             f"{file_name} has motion modules without positional encodings (AnimateLCM-style); not supported yet. "
             "Use an AnimateDiff v2/v3 or AnimateDiff-Lightning motion module."

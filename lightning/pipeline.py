@@ -44,6 +44,7 @@ class LightningModel:
     device: torch.device
     dtype: torch.dtype
     motion_scale: MotionScale
+    notes: tuple[str, ...] = ()  # what loading noticed (e.g. variant vs file name), shown on the node
 
     def __repr__(self) -> str:
         # ComfyUI prints node inputs in its error reports: keep it to one readable line
@@ -51,12 +52,31 @@ class LightningModel:
                 f"policy={self.policy}, {self.device.type} {str(self.dtype).removeprefix('torch.')})")
 
 
-def resolve_variant(variant_id: str, motion_file: str, info: MotionModuleInfo) -> V.Variant:
-    """Explicit id wins; 'auto' reads the Lightning step count from the file name, else the module version."""
+# byte sizes of ByteDance's published Lightning files (reference animatediff-lightning.md §1.1)
+LIGHTNING_FILE_SIZES = (908_929_664, 907_702_248)
+
+
+def resolve_variant(variant_id: str, motion_file: str, info: MotionModuleInfo,
+                    file_size: int = 0) -> tuple[V.Variant, tuple[str, ...]]:
+    """Explicit id wins; 'auto' reads the Lightning step count from the file name, else the module version.
+
+    A renamed Lightning file would look like a plain v2 module (same architecture) and lose its step
+    lock, so 'auto' refuses a file of a published Lightning size whose name has no step count.
+    """
+    named = V.variant_from_filename(motion_file)
+    notes: tuple[str, ...] = ()
     if variant_id != V.AUTO:
         variant = V.get_variant(variant_id)
+        if named is not None and named.id != variant.id:
+            notes = (f"{motion_file} is named as {named.label}, but the variant {variant.label} was chosen; "
+                     "check that this is intended.",)
+    elif named is None and file_size in LIGHTNING_FILE_SIZES:
+        raise SettingsMismatchError(
+            f"{motion_file} has the size of an AnimateDiff-Lightning file but no step count in its name. Choose its "
+            "variant (lightning_1step/2step/4step/8step) on the loader, or restore the original file name."
+        )
     else:
-        variant = V.variant_from_filename(motion_file) or V.VARIANTS.get(f"animatediff_{info.version}")
+        variant = named or V.VARIANTS.get(f"animatediff_{info.version}")
     if variant is None:
         raise UnsupportedCheckpointError(f"No preset for an AnimateDiff {info.version} motion module ({motion_file}).")
     if info.version not in variant.versions:
@@ -64,7 +84,7 @@ def resolve_variant(variant_id: str, motion_file: str, info: MotionModuleInfo) -
             f"Variant {variant.label} is for AnimateDiff {'/'.join(variant.versions)} motion modules, but "
             f"{motion_file} is a {info.version} module. Choose the variant 'auto' or 'animatediff_{info.version}'."
         )
-    return variant
+    return variant, notes
 
 
 def load_lightning(
@@ -74,6 +94,7 @@ def load_lightning(
     policy: str = "strict",
     device: Optional[str] = None,
     tokenizer_dir: Optional[str | Path] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> LightningModel:
     """Load checkpoint + motion module, checking they fit together before the big load."""
     if policy not in V.POLICIES:
@@ -92,9 +113,9 @@ def load_lightning(
             f"{motion_path.name} is an AnimateDiff v1 module, which needs cross-frame GroupNorm (not supported yet). "
             "Use mm_sd_v15_v2, v3_sd15_mm or an AnimateDiff-Lightning module."
         )
-    variant = resolve_variant(variant_id, motion_path.name, info)
+    variant, notes = resolve_variant(variant_id, motion_path.name, info, motion_path.stat().st_size)
     torch_device = resolve_device(device)
-    dtype = compute_dtype(torch_device)
+    dtype = dtype or compute_dtype(torch_device)
     motion = motion_weights(motion_state, info, dtype, torch_device)
     del motion_state
     parts = load_sd15_checkpoint(checkpoint_path, dtype, torch_device)
@@ -104,7 +125,7 @@ def load_lightning(
         tokenizer=load_tokenizer(tokenizer_dir), scaling_factor=parts.scaling_factor, motion=info,
         variant=variant, policy=policy,
         model_sigmas=discrete_sigmas(variant.beta_schedule, variant.beta_start, variant.beta_end),
-        device=torch_device, dtype=dtype, motion_scale=MotionScale(unet),
+        device=torch_device, dtype=dtype, motion_scale=MotionScale(unet), notes=notes,
     )
 
 
@@ -203,7 +224,8 @@ def _make_denoiser(model: LightningModel, request: GenerationRequest, cfg: float
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         c_in = float((sigma**2 + 1) ** -0.5)
-        t = sigma_to_timestep(sigma.reshape(1), model.model_sigmas).to(model.device, non_blocking=True)
+        # float32: MPS and DirectML have no float64
+        t = sigma_to_timestep(sigma.reshape(1), model.model_sigmas).to(model.device, torch.float32, non_blocking=True)
         batch = torch.cat([x, x]) if use_cfg else x
         eps = model.unet((batch * c_in).to(model.dtype), t, encoder_hidden_states=context).sample.float()
         if use_cfg:

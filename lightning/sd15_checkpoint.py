@@ -59,6 +59,12 @@ def load_sd15_checkpoint(
     if family != "sd15":
         raise UnsupportedCheckpointError(_family_message(path.name, family))
     original = infer_original_config(state)
+    channels = original["model"]["params"]["unet_config"]["params"]["in_channels"]
+    if channels != 4:
+        raise UnsupportedCheckpointError(
+            f"{path.name} is an SD1.5 {'inpainting' if channels == 9 else 'special-purpose'} model ({channels} input "
+            "channels); text-to-animation needs a plain SD1.5 checkpoint (4 input channels)."
+        )
     unet = _build_unet(state, original, dtype, device)
     vae = _build_vae(state, original, dtype, device)
     text_encoder = _build_text_encoder(state, dtype).to(device)
@@ -180,23 +186,25 @@ def _build_vae(state, original: dict[str, Any], dtype: torch.dtype, device: torc
 def _build_text_encoder(state: dict[str, torch.Tensor], dtype: torch.dtype):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    weights = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
+    # files name the tensors `…transformer.text_model.*`, some older ones `…transformer.*` (ComfyUI accepts both)
+    weights = {k[len(CLIP_PREFIX):].removeprefix("text_model."): v for k, v in state.items()
+               if k.startswith(CLIP_PREFIX)}
     base = json.loads((MODELS_DIR / "sd15" / "text_encoder_config.json").read_text())
-    token_embedding = weights["text_model.embeddings.token_embedding.weight"]
+    token_embedding = weights["embeddings.token_embedding.weight"]
     hidden = token_embedding.shape[1]
     base.update(
         vocab_size=token_embedding.shape[0],
         hidden_size=hidden,
-        intermediate_size=weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=_count(weights, r"text_model\.encoder\.layers\.(\d+)\."),
+        intermediate_size=weights["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=_count(weights, r"encoder\.layers\.(\d+)\."),
         num_attention_heads=max(1, hidden // CLIP_HEAD_DIM),
-        max_position_embeddings=weights["text_model.embeddings.position_embedding.weight"].shape[0],
+        max_position_embeddings=weights["embeddings.position_embedding.weight"].shape[0],
         projection_dim=hidden,
     )
     base = {k: v for k, v in base.items() if not k.startswith("_")}
     model = CLIPTextModel(CLIPTextConfig(**base))
-    if not any(k.startswith("text_model.") for k in model.state_dict()):
-        # transformers >= 5 names CLIPTextModel's tensors without the `text_model.` level the files have
-        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    if any(k.startswith("text_model.") for k in model.state_dict()):
+        # transformers < 5 keeps the `text_model.` level in CLIPTextModel's own names
+        weights = {"text_model." + k: v for k, v in weights.items()}
     _load_into(model, weights, "text encoder", ignore=("position_ids",))
     return torch.nn.Module.to(model, dtype).eval()

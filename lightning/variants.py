@@ -144,10 +144,12 @@ def _violations(variant: Variant, requested: SamplingSettings) -> list[tuple[str
     """(field, the variant's value, why) for every setting the variant was not trained for."""
     found = []
     if requested.steps < 1 or (variant.allowed_steps is not None and requested.steps not in variant.allowed_steps):
+        other = VARIANTS.get(f"lightning_{requested.steps}step")
+        alternative = (f"pick the {other.label} motion module" if other is not None and other.distilled else
+                       "pick the Lightning module for 1, 2, 4 or 8 steps")
         found.append(("steps", variant.steps,
                       f"{variant.label} was trained for steps={_allowed(variant.allowed_steps, variant.steps)}, got "
-                      f"steps={requested.steps}: set steps to {variant.steps} or pick the motion module made for "
-                      f"{requested.steps} steps."))
+                      f"steps={requested.steps}: set steps to {variant.steps} or {alternative}."))
     if requested.scheduler not in variant.allowed_spacings:
         found.append(("scheduler", variant.spacing,
                       f"{variant.label} needs the {variant.spacing!r} scheduler (ComfyUI: sgm_uniform/simple), got "

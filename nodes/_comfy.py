@@ -76,8 +76,10 @@ def model_path(folder: str, name: str) -> Path:
             return Path(found)
         where = ", ".join(folder_paths.get_folder_paths(folder))
     else:
-        root = _headless.models_dir / folder if _headless else Path(folder)
-        candidate = root / name
+        root = (_headless.models_dir / folder if _headless else Path(folder)).resolve()
+        candidate = (root / name).resolve()
+        if root not in candidate.parents:
+            raise ModelFileNotFoundError(f"{name!r} points outside the {folder} folder ({root}).")
         if candidate.is_file():
             return candidate
         where = str(root)
@@ -187,4 +189,23 @@ def input_path(name: str) -> Path:
     folder_paths = _folder_paths()
     if folder_paths is not None:
         return Path(folder_paths.get_annotated_filepath(name))
-    return _input_dir() / name
+    root = _input_dir().resolve()
+    candidate = (root / name).resolve()
+    if root not in candidate.parents:
+        raise ModelFileNotFoundError(f"{name!r} points outside the input folder ({root}).")
+    return candidate
+
+
+def compute_dtype():
+    """ComfyUI's precision choice for this device (honours --force-fp32, cards where fp16 is broken); None headless."""
+    management = None if _headless is not None else _module("comfy.model_management")
+    if management is None:
+        return None
+    import torch
+
+    device = management.get_torch_device()
+    if management.should_use_fp16(device):
+        return torch.float16
+    if management.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float32

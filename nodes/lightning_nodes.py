@@ -17,7 +17,7 @@ def _load(ckpt_name, motion_model, variant, policy) -> NodeResult:
     # fp16 weights + activations of a 16-frame 512px clip: about 1.5x the files' size
     _comfy.make_room(int(1.5 * (checkpoint.stat().st_size + motion.stat().st_size)))
     model = load_lightning(checkpoint, motion, variant_id=variant, policy=policy, device=_comfy.torch_device(),
-                           tokenizer_dir=_comfy.clip_tokenizer_dir())
+                           tokenizer_dir=_comfy.clip_tokenizer_dir(), dtype=_comfy.compute_dtype())
     return NodeResult((model,))
 
 
@@ -26,7 +26,8 @@ def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, sc
 
     request = GenerationRequest(prompt, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale)
     result = generate(model, request, progress=_comfy.progress_reporter(steps))
-    return NodeResult((result.frames,))
+    notes = [*model.notes, *result.notes]
+    return NodeResult((result.frames,), {"flipbook_notes": notes} if notes else None)
 
 
 LOADER = NodeSpec(

@@ -132,6 +132,8 @@ def fake_comfy(tiny_models, tmp_path, monkeypatch):
 
     management.throw_exception_if_processing_interrupted = check
     management.get_torch_device = lambda: state["device"]
+    management.should_use_fp16 = lambda device: False  # as ComfyUI answers for a CPU (or --force-fp32)
+    management.should_use_bf16 = lambda device: False
     management.free_memory = lambda needed, device: state["freed"].append(needed)
     cli_args = types.ModuleType("comfy.cli_args")
     cli_args.args = types.SimpleNamespace(disable_metadata=False)

@@ -1,5 +1,6 @@
-// Flipbook: shows what a save could not do (e.g. "GIF cannot carry a workflow; drop the .png sidecar")
-// above the Save Video node. The notes arrive in the node's UI output as `flipbook_notes`.
+// Flipbook: shows what a node could not do as asked, above the node: a save that cannot carry the
+// workflow ("GIF ... drop the .png sidecar"), settings the 'fill' policy replaced, CFG warnings.
+// The notes arrive in the node's UI output as `flipbook_notes`.
 import { app } from "../../scripts/app.js";
 
 const NOTE_COLOR = "#f5c542";
@@ -24,7 +25,7 @@ function wrap(ctx, text, width) {
 app.registerExtension({
   name: "flipbook.saveNotes",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== "FlipbookSaveVideo") return;
+    if (!nodeData.name?.startsWith("Flipbook")) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
