@@ -21,7 +21,8 @@ from ..core.vae import decode_latents
 from . import variants as V
 from .motion_module import MotionModuleInfo, MotionScale, adapter_config, inspect_motion_module, motion_weights
 from .sd15_checkpoint import load_sd15_checkpoint
-from .text import encode_prompt, load_tokenizer
+from .prompt import encode_weighted, match_lengths
+from .text import load_tokenizer
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
@@ -215,11 +216,11 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
 
 def _make_denoiser(model: LightningModel, request: GenerationRequest, cfg: float, calls: list[int]):
     """Epsilon-prediction UNet as D(x, sigma) in k-diffusion form; CFG 1 skips the negative pass."""
-    encode = lambda text: encode_prompt(model.tokenizer, model.text_encoder, text, model.device)  # noqa: E731
     frames = request.frames
-    cond = encode(request.prompt).repeat_interleave(frames, dim=0)
     use_cfg = abs(cfg - 1.0) > 1e-9
-    context = torch.cat([encode(request.negative).repeat_interleave(frames, dim=0), cond]) if use_cfg else cond
+    texts = [request.negative, request.prompt] if use_cfg else [request.prompt]
+    encoded = match_lengths([encode_weighted(model.tokenizer, model.text_encoder, t, model.device) for t in texts])
+    context = torch.cat([c.repeat_interleave(frames, dim=0) for c in encoded])
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         calls[0] += 1

@@ -1,18 +1,14 @@
-"""CLIP prompt encoding for SD1.5, with the tokenizer data bundled in models/ (or ComfyUI's copy)."""
+"""The SD1.5 CLIP tokenizer, from the data bundled in models/ (or ComfyUI's own copy). Encoding: prompt.py."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-import logging
-
-import torch
-
+from ..core.errors import UnsupportedCheckpointError
 from .sd15_checkpoint import MODELS_DIR
 
 BUNDLED_TOKENIZER = MODELS_DIR / "clip_tokenizer"
 CONTEXT_LENGTH = 77
-log = logging.getLogger(__name__)
 
 
 def load_tokenizer(directory: Optional[str | Path] = None):
@@ -20,20 +16,12 @@ def load_tokenizer(directory: Optional[str | Path] = None):
     from transformers import CLIPTokenizer
 
     directory = Path(directory) if directory else BUNDLED_TOKENIZER
-    return CLIPTokenizer(
-        vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"),
-        model_max_length=CONTEXT_LENGTH,
-    )
-
-
-@torch.no_grad()
-def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompt: str, device: torch.device) -> torch.Tensor:
-    """[1, 77, D] last hidden states, as diffusers' StableDiffusion pipelines use (prompts over 77 tokens are cut)."""
-    full = len(tokenizer(prompt).input_ids)
-    if full > CONTEXT_LENGTH:
-        log.warning("prompt has %d tokens; SD1.5's text encoder reads the first %d, the rest is ignored: %r",
-                    full, CONTEXT_LENGTH, prompt[-60:])
-    ids = tokenizer(
-        prompt, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    return text_encoder(ids)[0]
+    # from_pretrained on a local folder reads vocab.json/merges.txt/*.json there and never a hub; the
+    # constructor's keyword names changed between transformers 4 and 5 (vocab_file -> vocab)
+    tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=CONTEXT_LENGTH, local_files_only=True)
+    if len(tokenizer) < 49408:
+        raise UnsupportedCheckpointError(
+            f"The CLIP tokenizer in {directory} has {len(tokenizer)} tokens, not CLIP's 49408; its vocab.json or "
+            "merges.txt is missing or damaged."
+        )
+    return tokenizer

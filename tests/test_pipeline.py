@@ -28,8 +28,8 @@ def test_four_step_variant_at_cfg_1_calls_the_denoiser_exactly_four_times(lightn
 
 def test_cfg_1_never_evaluates_the_negative_branch(lightning_model, monkeypatch):
     encoded = []
-    real = P.encode_prompt
-    monkeypatch.setattr(P, "encode_prompt", lambda tok, te, text, dev: (encoded.append(text), real(tok, te, text, dev))[1])
+    real = P.encode_weighted
+    monkeypatch.setattr(P, "encode_weighted", lambda tok, te, text, dev: (encoded.append(text), real(tok, te, text, dev))[1])
     P.generate(lightning_model, _request(negative="ugly"))
     assert encoded == ["a fox running in snow"]
     encoded.clear()
@@ -107,3 +107,9 @@ def test_model_repr_is_one_short_line(lightning_model):
     text = repr(lightning_model)
     assert text == ("LightningModel(tiny_sd15.safetensors + animatediff_lightning_4step_comfyui.safetensors, "
                     "lightning_4step, policy=strict, cpu float32)")
+
+
+def test_the_prompt_changes_the_video(lightning_model):
+    fox = P.generate(lightning_model, _request(prompt="a fox running in snow", seed=4)).frames
+    city = P.generate(lightning_model, _request(prompt="a neon city street at night", seed=4)).frames
+    assert float((fox - city).abs().mean()) > 1e-3
