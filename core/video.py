@@ -20,7 +20,8 @@ from .video_writers import FORMATS, AudioTrack, OutputFormat, VideoSettings, wri
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
-__all__ = ["AudioTrack", "FORMATS", "SavedVideo", "VideoSettings", "frames_to_array", "save_video", "save_mp4"]
+__all__ = ["AudioTrack", "FORMATS", "SavedVideo", "VideoSettings", "check_format_settings", "frames_to_array",
+           "save_video", "save_mp4"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ def frames_to_array(frames: torch.Tensor, sixteen_bit: bool = False, even: bool 
     if pad_h or pad_w:
         array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     return array
+
+
+def check_format_settings(format_id: str, crf: int, pix_fmt: str) -> None:
+    """The cheap per-format checks, also run by the node before the workflow starts."""
+    if format_id not in FORMATS:
+        raise InvalidSettingError(f"Unknown format {format_id!r}; choose one of {', '.join(FORMATS)}.")
+    _validate(FORMATS[format_id], VideoSettings(crf=crf, pix_fmt=pix_fmt))
 
 
 def _validate(fmt: OutputFormat, settings: VideoSettings) -> None:
@@ -78,8 +86,7 @@ def save_video(
     metadata: Mapping[str, str], audio: Optional[AudioTrack] = None, progress: Optional[ProgressFn] = None,
 ) -> SavedVideo:
     """Encode to a temp file, then claim `<prefix>_00001_.<ext>`; a failure or cancel leaves nothing behind."""
-    if format_id not in FORMATS:
-        raise InvalidSettingError(f"Unknown format {format_id!r}; choose one of {', '.join(FORMATS)}.")
+    check_format_settings(format_id, settings.crf, settings.pix_fmt)
     fmt = FORMATS[format_id]
     _validate(fmt, settings)
     array = frames_to_array(frames, sixteen_bit="10" in settings.pix_fmt, even=bool(fmt.pix_fmts))

@@ -39,3 +39,6 @@ class NodeSpec:
     hidden: tuple[str, ...] = ()  # "prompt", "extra_pnginfo"
     output_node: bool = False
     needs_video_api: bool = False  # only offered where ComfyUI has its native VIDEO type (V3 API)
+    # validate(cls, <widget>=None, ...) -> True | message: checked when the prompt is queued, before any
+    # node runs. Named parameters only: ComfyUI skips its own min/max checks for a **kwargs validator.
+    validate: Optional[Callable[..., Any]] = None

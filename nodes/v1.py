@@ -26,7 +26,9 @@ def v1_class(spec: NodeSpec) -> type:
         result = spec.run(**inputs)
         return {"ui": result.ui, "result": result.outputs} if result.ui is not None else result.outputs
 
+    extra = {"VALIDATE_INPUTS": classmethod(spec.validate)} if spec.validate else {}
     return type(spec.node_id, (), {
+        **extra,
         "INPUT_TYPES": classmethod(input_types),
         "RETURN_TYPES": tuple(kind for kind, _ in spec.outputs),
         "RETURN_NAMES": tuple(name for _, name in spec.outputs),

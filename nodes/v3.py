@@ -42,7 +42,9 @@ def v3_class(spec: NodeSpec, io: Any) -> type:
         result = spec.run(**inputs)
         return io.NodeOutput(*result.outputs, ui=result.ui)
 
+    extra = {"validate_inputs": classmethod(spec.validate)} if spec.validate else {}
     return type(spec.node_id, (io.ComfyNode,), {
+        **extra,
         "define_schema": classmethod(define_schema),
         "execute": classmethod(execute),
     })

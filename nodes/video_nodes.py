@@ -49,6 +49,21 @@ def _save(filename_prefix, fps, format, crf, pix_fmt, loop, pingpong, quality, i
     return NodeResult((), ui)
 
 
+def _check_save(cls, format=None, crf=None, pix_fmt=None):
+    """Before the run: a crf or pix_fmt the chosen format cannot take would otherwise fail only after
+    the (long) generation. Values arriving through links are checked at run time instead."""
+    from ..core.errors import InvalidSettingError
+    from ..core.video import check_format_settings
+
+    if None in (format, crf, pix_fmt):
+        return True
+    try:
+        check_format_settings(format, crf, pix_fmt)
+    except InvalidSettingError as exc:
+        return str(exc)
+    return True
+
+
 def _to_video(images, fps, audio=None) -> NodeResult:
     return NodeResult((_comfy.video_from_frames(images, fps, audio),))
 
@@ -92,6 +107,7 @@ SAVE_VIDEO = NodeSpec(
     run=_save,
     hidden=("prompt", "extra_pnginfo"),
     output_node=True,
+    validate=_check_save,
 )
 
 FRAMES_TO_VIDEO = NodeSpec(

@@ -123,3 +123,15 @@ def test_demo_writes_every_format(tmp_path, capsys, fmt):
     workflow = json.loads((ROOT / "workflows" / "lightning_4step_t2v.json").read_text())
     assert restored["workflow"]["nodes"] == workflow["nodes"]
     assert restored["prompt"]["3"]["inputs"]["format"] == fmt
+
+
+def test_save_settings_are_validated_when_queued():
+    import inspect
+
+    node = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"]
+    assert node.VALIDATE_INPUTS(format="mp4", crf=19, pix_fmt="yuv420p") is True
+    assert "0-51" in node.VALIDATE_INPUTS(format="mp4", crf=60, pix_fmt="yuv420p")
+    assert "pix_fmt" in node.VALIDATE_INPUTS(format="webm", crf=30, pix_fmt="yuv420p10le")
+    assert node.VALIDATE_INPUTS(format="mp4", crf=None, pix_fmt="yuv420p") is True  # linked: checked at run
+    spec = inspect.getfullargspec(node.VALIDATE_INPUTS)
+    assert spec.varkw is None and {"format", "crf", "pix_fmt"} <= set(spec.args)  # keeps ComfyUI's min/max checks
