@@ -15,6 +15,14 @@ from typing import Any, Iterator, Optional
 MP4_READ_WINDOW = 64 * 1024 * 1024
 
 
+def _strict_json(text: str) -> Any:
+    """JSON.parse as frontend 1.27 does it: NaN/Infinity are errors (Python's json accepts them)."""
+    def refuse(name: str) -> Any:
+        raise json.JSONDecodeError(f"{name} is not JSON", text, 0)
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
     """(type, payload start, box end) of each box in data[start:end]; stops at a box past the window."""
     pos = start
@@ -59,7 +67,7 @@ def read_mp4_metadata(path: str | Path) -> dict[str, Any]:
         value_box = _child(data, start, end, b"data")
         if name in ("prompt", "workflow") and value_box:
             text = data[value_box[0] + 8:value_box[1]].decode("utf-8", "replace")
-            result[name] = json.loads(text[text.index("{"):])
+            result[name] = _strict_json(text[text.index("{"):])
     return result
 
 
@@ -113,7 +121,7 @@ def read_webm_metadata(path: str | Path) -> dict[str, Any]:
             end = _json_end_by_brace_count(text)
             if end > 0:
                 try:
-                    result[name.lower()] = json.loads(text[:end])
+                    result[name.lower()] = _strict_json(text[:end])
                 except json.JSONDecodeError:
                     pass
         pos = data.find(_SIMPLE_TAG, pos + 2)
@@ -191,7 +199,7 @@ def _parse_json_values(texts: dict[str, str]) -> dict[str, Any]:
     for key in ("workflow", "prompt"):
         if key in texts:
             try:
-                out[key] = json.loads(texts[key])
+                out[key] = _strict_json(texts[key])
             except json.JSONDecodeError:
                 pass
     return out

@@ -69,6 +69,17 @@ def _validate(fmt: OutputFormat, settings: VideoSettings) -> None:
         raise InvalidSettingError(f"loop must be >= 0 and quality 0-100, got {settings.loop} and {settings.quality}.")
 
 
+def _playback_notes(fmt: OutputFormat, settings: VideoSettings) -> list[str]:
+    """H.264 profiles browsers do not decode: the file is fine, but ComfyUI's preview stays blank."""
+    if fmt.id != "mp4":
+        return []
+    if settings.pix_fmt != "yuv420p" or settings.crf == 0:
+        what = "crf 0 (lossless)" if settings.crf == 0 else settings.pix_fmt
+        return [f"MP4 with {what} uses an H.264 profile browsers cannot play, so the preview may stay blank; "
+                "the file plays in VLC/ffmpeg-based players. Use yuv420p with crf >= 1 for browsers."]
+    return []
+
+
 def _restores(fmt: OutputFormat, metadata: Mapping[str, str]) -> tuple[bool, Optional[str]]:
     if not metadata:
         return True, None
@@ -89,10 +100,11 @@ def save_video(
     check_format_settings(format_id, settings.crf, settings.pix_fmt)
     fmt = FORMATS[format_id]
     _validate(fmt, settings)
-    array = frames_to_array(frames, sixteen_bit="10" in settings.pix_fmt, even=bool(fmt.pix_fmts))
+    video_codec = bool(fmt.pix_fmts)  # pix_fmt and crf mean nothing to the image formats
+    array = frames_to_array(frames, sixteen_bit=video_codec and "10" in settings.pix_fmt, even=video_codec)
     if settings.pingpong and len(array) > 2:
         array = np.concatenate([array, array[-2:0:-1]])
-    notes = []
+    notes = _playback_notes(fmt, settings)
     if audio is not None and fmt.audio_codec is None:
         notes.append(f"{fmt.id} has no audio track; the audio input was not saved (use mp4 or webm).")
         audio = None

@@ -119,6 +119,8 @@ def claim_sidecar(video: Path, suffix: str, write: Callable[[Path], None]) -> Pa
                 return video.with_name(name)
             except FileExistsError:
                 continue
+            except OSError:  # no hard links here (exFAT, some network shares)
+                return _claim_without_links(temp, video.with_name(name))
         raise VideoWriteError(f"No free name for the sidecar of {video.name}.")
     finally:
         temp.unlink(missing_ok=True)

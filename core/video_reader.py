@@ -1,6 +1,7 @@
 """Reading a video file into ComfyUI IMAGE frames (for video-to-video), with the cuts users expect."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,7 +12,8 @@ import torch
 from .errors import InvalidSettingError, ModelFileNotFoundError
 
 ProgressFn = Callable[[int, int], None]
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".gif", ".webp")
+# .webp is not here: FFmpeg cannot decode animated WebP
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".gif")
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,12 @@ def _rgb(frame) -> np.ndarray:
     colorspace = _MATRICES.get(int(frame.colorspace))
     color_range = "JPEG" if int(frame.color_range) == 2 else "MPEG"
     if frame.format.name.startswith(("rgb", "bgr", "pal", "gray")):
-        return frame.to_ndarray(format="rgb24")
-    return frame.reformat(format="rgb24", src_colorspace=colorspace, src_color_range=color_range,
-                          dst_color_range="JPEG").to_ndarray()
+        image = frame.to_ndarray(format="rgb24")
+    else:
+        image = frame.reformat(format="rgb24", src_colorspace=colorspace, src_color_range=color_range,
+                               dst_color_range="JPEG").to_ndarray()
+    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # phone clips: display matrix, CCW degrees
+    return np.ascontiguousarray(np.rot90(image, k=turns)) if turns else image
 
 
 def load_video(
@@ -53,6 +58,7 @@ def load_video(
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 8)
+            _check_memory(path.name, stream, frame_cap, skip_first, every_nth)
             for frame in container.decode(stream):
                 index, seen = seen, seen + 1
                 if index < skip_first or (index - skip_first) % every_nth:
@@ -68,6 +74,26 @@ def load_video(
         raise InvalidSettingError(f"{path.name}: no frames left after skipping {skip_first} of {seen}.")
     frames = torch.from_numpy(np.stack(kept)).float().div_(255)
     return LoadedVideo(_resize_to_multiple(frames, size_multiple), fps / every_nth, seen)
+
+
+def _check_memory(name: str, stream, frame_cap: int, skip_first: int, every_nth: int) -> None:
+    """Refuse, before decoding, a clip whose float32 frames would not fit in half of this machine's RAM."""
+    total = stream.frames or 0
+    if not total and stream.duration and stream.time_base:
+        total = int(float(stream.duration * stream.time_base) * float(stream.average_rate or 30))
+    count = max(0, total - skip_first) // every_nth
+    count = min(count, frame_cap) if frame_cap else count
+    needed = count * stream.codec_context.width * stream.codec_context.height * 3 * 4 * 1.5
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > available:
+        raise InvalidSettingError(
+            f"{name}: about {count} frames at {stream.codec_context.width}x{stream.codec_context.height} need "
+            f"{needed / 2**30:.1f} GiB as IMAGE frames, more than half of this machine's memory. Set frame_cap, "
+            "skip_first or every_nth to load a part of it."
+        )
 
 
 def _resize_to_multiple(frames: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -65,41 +65,47 @@ def _write_av(path: Path, container_format: str, codec: str, frames: np.ndarray,
         context.colorspace = context.color_primaries = context.color_trc = BT709
         context.color_range = LIMITED_RANGE
         stream.options = {"crf": str(settings.crf), **({"b": "0"} if codec == "libvpx-vp9" else {})}
-        audio_stream = _add_audio(container, audio, audio_codec) if audio is not None else None
+        sound = _encode_audio(container, audio, audio_codec, len(frames) / settings.fps) if audio else []
         source = "rgb48le" if frames.dtype == np.uint16 else "rgb24"
         for index, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format=source).reformat(
                 format=settings.pix_fmt, src_colorspace="ITU709", dst_colorspace="ITU709",
                 src_color_range="JPEG", dst_color_range="MPEG")
             container.mux(stream.encode(frame))
+            _mux_until(container, sound, (index + 1) / settings.fps)  # keep audio next to its video
             if progress is not None:
                 progress(index + 1, len(frames))
         container.mux(stream.encode())
-        if audio_stream is not None:
-            _encode_audio(container, audio_stream, audio, seconds=len(frames) / settings.fps)
+        _mux_until(container, sound, float("inf"))
 
 
-def _add_audio(container, audio: AudioTrack, codec: str):
-    rate = 48000 if codec == "libopus" else audio.sample_rate  # Opus only runs at 48 kHz (and divisors)
-    layout = "mono" if audio.samples.shape[0] == 1 else "stereo"
-    return container.add_stream(codec, rate=rate, layout=layout)
+def _layout(channels: int) -> str:
+    return {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 8: "7.1"}.get(channels, "stereo")
 
 
-def _encode_audio(container, stream, audio: AudioTrack, seconds: float) -> None:
-    """The track cut to the video's length (a longer soundtrack would keep players going past the end)."""
+def _encode_audio(container, audio: AudioTrack, codec: str, seconds: float) -> list:
+    """All audio packets, encoded up front: the track downmixed to stereo (or kept mono), resampled to
+    what the codec takes, and cut to the video's length (a longer track keeps players going)."""
     import av
 
-    samples = audio.samples[:2, : int(round(seconds * audio.sample_rate))]
-    samples = np.ascontiguousarray(samples.astype(np.float32))
-    layout = "mono" if samples.shape[0] == 1 else "stereo"
-    frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
-    frame.sample_rate = audio.sample_rate
-    frame.pts, frame.time_base = 0, Fraction(1, audio.sample_rate)
-    resampler = av.AudioResampler(format=stream.codec_context.format, layout=stream.codec_context.layout,
-                                  rate=stream.codec_context.sample_rate, frame_size=stream.codec_context.frame_size)
-    for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
-        container.mux(stream.encode(chunk))
-    container.mux(stream.encode(None))
+    channels = audio.samples.shape[0]
+    layout = "mono" if channels == 1 else "stereo"
+    rate = 48000 if codec == "libopus" or audio.sample_rate > 96000 else audio.sample_rate  # Opus: 48 kHz
+    stream = container.add_stream(codec, rate=rate, layout=layout)
+    samples = np.ascontiguousarray(audio.samples[:, : int(round(seconds * audio.sample_rate))].astype(np.float32))
+    frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=_layout(channels))
+    frame.sample_rate, frame.pts, frame.time_base = audio.sample_rate, 0, Fraction(1, audio.sample_rate)
+    resampler = av.AudioResampler(format=stream.codec_context.format, layout=layout, rate=rate,
+                                  frame_size=stream.codec_context.frame_size)
+    packets = []
+    for chunk in [*resampler.resample(frame), *resampler.resample(None), None]:
+        packets += stream.encode(chunk)
+    return packets
+
+
+def _mux_until(container, packets: list, seconds: float) -> None:
+    while packets and (packets[0].pts is None or packets[0].pts * packets[0].time_base <= seconds):
+        container.mux(packets.pop(0))
 
 
 def write_mp4(path, frames, settings, metadata, audio=None, progress=None) -> None:
@@ -113,10 +119,16 @@ def write_webm(path, frames, settings, metadata, audio=None, progress=None) -> N
     _write_av(path, "webm", "libvpx-vp9", frames, settings, metadata, audio, "libopus", {}, progress)
 
 
-def _pil_frames(frames: np.ndarray):
+def _pil_frames(frames: np.ndarray, progress: Optional[ProgressFn] = None):
+    """Pillow images; each frame reports progress, which is also ComfyUI's cancel point."""
     from PIL import Image
 
-    return [Image.fromarray(image) for image in frames]
+    images = []
+    for index, image in enumerate(frames):
+        images.append(Image.fromarray(image))
+        if progress is not None:
+            progress(index + 1, len(frames) + 1)
+    return images
 
 
 def webp_exif(metadata: Mapping[str, str]) -> bytes:
@@ -136,7 +148,7 @@ def webp_exif(metadata: Mapping[str, str]) -> bytes:
 
 def write_webp(path, frames, settings, metadata, audio=None, progress=None) -> None:
     """Animated WebP; a still result (1 frame or identical frames) is re-wrapped as a 1-frame animation."""
-    images = _pil_frames(frames)
+    images = _pil_frames(frames, progress)
     buffer = io.BytesIO()
     images[0].save(buffer, format="WEBP", save_all=True, append_images=images[1:], duration=_frame_ms(settings),
                    loop=settings.loop, lossless=settings.quality >= 100, quality=min(settings.quality, 100),
@@ -144,7 +156,7 @@ def write_webp(path, frames, settings, metadata, audio=None, progress=None) -> N
     total_ms = int(round(_frame_ms(settings) * len(images)))
     Path(path).write_bytes(as_animation(buffer.getvalue(), total_ms, settings.loop))
     if progress is not None:
-        progress(len(images), len(images))
+        progress(len(images) + 1, len(images) + 1)
 
 
 def png_info(metadata: Mapping[str, str]):
@@ -158,21 +170,33 @@ def png_info(metadata: Mapping[str, str]):
 
 def write_png(path, frames, settings, metadata, audio=None, progress=None) -> None:
     """PNG for one frame, APNG (still named .png, which is what the frontend routes) for more."""
-    images = _pil_frames(frames)
+    images = _pil_frames(frames, progress)
     extra = {} if len(images) == 1 else dict(save_all=True, append_images=images[1:], duration=_frame_ms(settings),
                                               loop=settings.loop, default_image=False, disposal=0, blend=0)
     images[0].save(str(path), format="PNG", pnginfo=png_info(metadata), compress_level=4, **extra)
     if progress is not None:
-        progress(len(images), len(images))
+        progress(len(images) + 1, len(images) + 1)
+
+
+def gif_durations(count: int, fps: float) -> list[int]:
+    """Per-frame delays in ms on GIF's 10 ms grid, rounded cumulatively so the clip keeps its length
+    (a fixed 120 ms would turn 8 fps into 8.33); GIF players treat delays under 20 ms as 100 ms."""
+    centiseconds = 100.0 / fps
+    ticks = [round(centiseconds * (i + 1)) - round(centiseconds * i) for i in range(count)]
+    return [10 * max(2, tick) for tick in ticks]
 
 
 def write_gif(path, frames, settings, metadata, audio=None, progress=None) -> None:
-    """GIF (no metadata: no frontend reads any from a GIF; the caller writes the sidecar PNG)."""
-    images = _pil_frames(frames)
-    images[0].save(str(path), format="GIF", save_all=True, append_images=images[1:], loop=settings.loop,
-                   duration=max(20, int(round(_frame_ms(settings)))), disposal=2, optimize=False)
+    """GIF (no metadata: no frontend reads any from a GIF; the caller writes the sidecar PNG).
+
+    `loop` counts plays like WebP/APNG; GIF's NETSCAPE field counts repeats after the first play.
+    """
+    images = _pil_frames(frames, progress)
+    repeat = {} if settings.loop == 1 else {"loop": 0 if settings.loop == 0 else settings.loop - 1}
+    images[0].save(str(path), format="GIF", save_all=True, append_images=images[1:],
+                   duration=gif_durations(len(images), settings.fps), disposal=2, optimize=False, **repeat)
     if progress is not None:
-        progress(len(images), len(images))
+        progress(len(images) + 1, len(images) + 1)
 
 
 @dataclass(frozen=True)

@@ -42,3 +42,5 @@ class NodeSpec:
     # validate(cls, <widget>=None, ...) -> True | message: checked when the prompt is queued, before any
     # node runs. Named parameters only: ComfyUI skips its own min/max checks for a **kwargs validator.
     validate: Optional[Callable[..., Any]] = None
+    # fingerprint(cls, <input>=None, ...) -> value: the node re-runs when it changes (e.g. a file's mtime)
+    fingerprint: Optional[Callable[..., Any]] = None

@@ -27,6 +27,8 @@ def v1_class(spec: NodeSpec) -> type:
         return {"ui": result.ui, "result": result.outputs} if result.ui is not None else result.outputs
 
     extra = {"VALIDATE_INPUTS": classmethod(spec.validate)} if spec.validate else {}
+    if spec.fingerprint:
+        extra["IS_CHANGED"] = classmethod(spec.fingerprint)
     return type(spec.node_id, (), {
         **extra,
         "INPUT_TYPES": classmethod(input_types),

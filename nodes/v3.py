@@ -43,6 +43,8 @@ def v3_class(spec: NodeSpec, io: Any) -> type:
         return io.NodeOutput(*result.outputs, ui=result.ui)
 
     extra = {"validate_inputs": classmethod(spec.validate)} if spec.validate else {}
+    if spec.fingerprint:
+        extra["fingerprint_inputs"] = classmethod(spec.fingerprint)
     return type(spec.node_id, (io.ComfyNode,), {
         **extra,
         "define_schema": classmethod(define_schema),

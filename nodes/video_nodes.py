@@ -49,19 +49,36 @@ def _save(filename_prefix, fps, format, crf, pix_fmt, loop, pingpong, quality, i
     return NodeResult((), ui)
 
 
+FORMATS = ("mp4", "webm", "webp", "png", "gif")
+PIX_FMTS = ("yuv420p", "yuv444p", "yuv420p10le")
+CRF_RANGE = (0, 63)
+
+
 def _check_save(cls, format=None, crf=None, pix_fmt=None):
     """Before the run: a crf or pix_fmt the chosen format cannot take would otherwise fail only after
-    the (long) generation. Values arriving through links are checked at run time instead."""
+    the (long) generation. ComfyUI skips its own list/range checks for inputs a validator names, so
+    they are repeated here. Values arriving through links are checked at run time instead."""
     from ..core.errors import InvalidSettingError
     from ..core.video import check_format_settings
 
     if None in (format, crf, pix_fmt):
         return True
+    if format not in FORMATS or pix_fmt not in PIX_FMTS or not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
+        return (f"format must be one of {', '.join(FORMATS)}, pix_fmt one of {', '.join(PIX_FMTS)}, crf "
+                f"{CRF_RANGE[0]}-{CRF_RANGE[1]}; got {format!r}, {pix_fmt!r}, {crf}.")
     try:
         check_format_settings(format, crf, pix_fmt)
     except InvalidSettingError as exc:
         return str(exc)
     return True
+
+
+def _input_mtime(cls, video=None, **_):
+    """Re-read the file when it changes on disk under the same name (as core LoadVideo does)."""
+    try:
+        return _comfy.input_path(video).stat().st_mtime if video else ""
+    except OSError:
+        return float("nan")  # missing: always re-run, so the run reports it
 
 
 def _to_video(images, fps, audio=None) -> NodeResult:
@@ -86,16 +103,16 @@ SAVE_VIDEO = NodeSpec(
         Param("images", "IMAGE", "Frames from any node (ComfyUI IMAGE batch).", optional=True),
         Param("filename_prefix", "STRING", "Sub-folder/name inside ComfyUI's output folder; a counter keeps every "
               "save unique.", {"default": "flipbook/video"}),
-        Param("fps", "FLOAT", "Frames per second (AnimateDiff clips: 8, Wan: 16). A VIDEO input keeps its own.",
-              {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1}),
-        Param("format", "COMBO", FORMAT_HELP, {"default": "mp4"},
-              choices=lambda: ["mp4", "webm", "webp", "png", "gif"]),
+        Param("fps", "FLOAT", "Frames per second (AnimateDiff clips: 8, Wan: 16; 23.976 works). A VIDEO input "
+              "keeps its own.", {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1, "round": 0.001}),
+        Param("format", "COMBO", FORMAT_HELP, {"default": "mp4"}, choices=lambda: list(FORMATS)),
         Param("crf", "INT", "MP4/WebM quality: lower is better and bigger (H.264 0-51, VP9 0-63; 17-23 typical).",
-              {"default": 19, "min": 0, "max": 63}),
-        Param("pix_fmt", "COMBO", "MP4/WebM pixel format: yuv420p plays everywhere; yuv444p keeps full colour "
-              "detail; yuv420p10le (MP4) has 10-bit gradients. Colours are BT.709, limited range, tagged.",
-              {"default": "yuv420p"}, choices=lambda: ["yuv420p", "yuv444p", "yuv420p10le"]),
-        Param("loop", "INT", "GIF/WebP/APNG repeat count; 0 = forever.", {"default": 0, "min": 0, "max": 65535}),
+              {"default": 19, "min": CRF_RANGE[0], "max": CRF_RANGE[1]}),
+        Param("pix_fmt", "COMBO", "MP4/WebM pixel format: yuv420p plays everywhere (browsers too); yuv444p keeps "
+              "full colour detail and yuv420p10le (MP4) has 10-bit gradients, but browsers cannot play those. "
+              "Colours are BT.709, limited range, tagged.", {"default": "yuv420p"}, choices=lambda: list(PIX_FMTS)),
+        Param("loop", "INT", "How many times a GIF/WebP/APNG plays; 0 = forever.",
+              {"default": 0, "min": 0, "max": 65535}),
         Param("pingpong", "BOOLEAN", "Play forward then backward (seamless loop).", {"default": False}),
         Param("quality", "INT", "WebP quality 0-100; 100 = lossless.", {"default": 90, "min": 0, "max": 100}),
         Param("audio", "AUDIO", "Optional sound for MP4 (AAC) or WebM (Opus), cut to the video's length.",
@@ -117,7 +134,8 @@ FRAMES_TO_VIDEO = NodeSpec(
     description="Wraps IMAGE frames (and optional AUDIO) as ComfyUI's native VIDEO, for core video nodes.",
     inputs=(
         Param("images", "IMAGE", "Frames from any node."),
-        Param("fps", "FLOAT", "Frames per second.", {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1}),
+        Param("fps", "FLOAT", "Frames per second.",
+              {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1, "round": 0.001}),
         Param("audio", "AUDIO", "Optional sound.", optional=True),
     ),
     outputs=(("VIDEO", "video"),),
@@ -142,6 +160,7 @@ LOAD_VIDEO = NodeSpec(
     ),
     outputs=(("IMAGE", "frames"), ("FLOAT", "fps"), ("INT", "frame_count")),
     run=_load,
+    fingerprint=_input_mtime,
 )
 
 SPECS = (SAVE_VIDEO, FRAMES_TO_VIDEO, LOAD_VIDEO)
