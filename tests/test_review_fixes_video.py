@@ -2,7 +2,6 @@
 audio layout/interleave/rates, GIF timing and loops, strict readers, cancel points, validation."""
 from __future__ import annotations
 
-import json
 import os
 import struct
 
