@@ -73,3 +73,14 @@ def test_no_print_eval_exec_or_pickle_load():
                     if owner == "torch":
                         kw = {k.arg: k.value for k in node.keywords}
                         assert getattr(kw.get("weights_only"), "value", None) is True, f"{path}: torch.load unsafe"
+
+
+def test_size_rules_core_modules_400_lines_functions_60():
+    for path in _sources():
+        lines = path.read_text().count("\n")
+        if path.parent.name in ("core", "lightning", "wan_lora"):
+            assert lines <= 400, f"{path} has {lines} lines"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{path}:{node.lineno} {node.name} has {length} lines"
