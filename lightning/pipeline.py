@@ -21,7 +21,7 @@ from ..core.vae import decode_latents
 from . import variants as V
 from .motion_module import MotionModuleInfo, MotionScale, adapter_config, inspect_motion_module, motion_weights
 from .sd15_checkpoint import load_sd15_checkpoint
-from .prompt import encode_weighted, match_lengths
+from .prompt import embedding_names, encode_weighted, match_lengths
 from .text import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,13 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
     low, high = MOTION_SCALE_RANGE
     if not low <= request.motion_scale <= high:
         raise InvalidSettingError(f"motion_scale={request.motion_scale}: use {low}-{high} (1.0 = as trained).")
+    texts = [request.prompt] + ([request.negative] if abs(checked.settings.cfg - 1.0) > 1e-9 else [])
+    skipped = [name for text in texts for name in embedding_names(text)]
+    if skipped:
+        note = (f"textual-inversion embeddings are not supported yet and were left out of the prompt: "
+                f"{', '.join(skipped)}")
+        log.warning("%s", note)
+        checked = V.CheckedSettings(checked.settings, (*checked.notes, note))
     return checked
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 CHUNK_TOKENS = 75  # 77 minus BOS and EOS
+EMBEDDING_PREFIX = "embedding:"  # ComfyUI's textual-inversion syntax, e.g. embedding:EasyNegative
 _OPEN, _CLOSE = "\0\1", "\0\2"  # stand-ins for escaped \( and \)
 
 
@@ -62,7 +63,7 @@ def tokenize_weighted(tokenizer, text: str) -> list[list[tuple[int, float]]]:
     words: list[tuple[list[int], float]] = []
     for segment, weight in parse_weights(text):
         for word in segment.replace("\n", " ").split(" "):
-            if word:
+            if word and not word.lower().startswith(EMBEDDING_PREFIX):
                 ids = tokenizer(word, add_special_tokens=False).input_ids
                 words.append((ids, weight))
     chunks: list[list[tuple[int, float]]] = [[]]
@@ -76,6 +77,12 @@ def tokenize_weighted(tokenizer, text: str) -> list[list[tuple[int, float]]]:
             chunks[-1].append((token, weight))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     return [[(bos, 1.0), *chunk, (eos, 1.0)] + [(eos, 1.0)] * (CHUNK_TOKENS - len(chunk)) for chunk in chunks]
+
+
+def embedding_names(text: str) -> list[str]:
+    """Textual-inversion references in a prompt (not supported yet: they are left out, with a note)."""
+    words = (word for segment, _ in parse_weights(text) for word in segment.replace("\n", " ").split(" "))
+    return [word[len(EMBEDDING_PREFIX):].strip(",") for word in words if word.lower().startswith(EMBEDDING_PREFIX)]
 
 
 @torch.no_grad()

@@ -86,3 +86,18 @@ def test_cfg_with_prompts_of_different_lengths(lightning_model):
     result = P.generate(lightning_model, P.GenerationRequest(prompt="(a fox:1.2)", negative=long_negative, cfg=1.5,
                                                              frames=2, width=64, height=64))
     assert result.denoiser_calls == 4 and torch.isfinite(result.frames).all()
+
+
+def test_embeddings_are_left_out_with_a_note(lightning_model):
+    from flipbook_pack.lightning.prompt import embedding_names
+
+    assert embedding_names("bad hands, embedding:EasyNegative, (embedding:badhandv4:1.2)") == [
+        "EasyNegative", "badhandv4"]
+    with_embedding = tokenize_weighted(TOKENIZER, "a fox embedding:EasyNegative")
+    assert with_embedding == tokenize_weighted(TOKENIZER, "a fox")
+    result = P.generate(lightning_model, P.GenerationRequest(prompt="a fox", negative="embedding:EasyNegative",
+                                                             cfg=1.5, frames=2, width=64, height=64))
+    assert "EasyNegative" in result.notes[-1] and "not supported" in result.notes[-1]
+    quiet = P.generate(lightning_model, P.GenerationRequest(prompt="a fox", negative="embedding:EasyNegative",
+                                                            frames=2, width=64, height=64))
+    assert quiet.notes == ()  # at cfg 1 the negative is not used, so nothing was left out
