@@ -32,13 +32,21 @@ def write_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
 def run_workflow(path: Path, models_dir: Path, output_dir: Path, overrides: Sequence[str]) -> list[Path]:
     """Run a UI-format workflow with our nodes; returns the files the output nodes wrote."""
     from .nodes import NODE_CLASS_MAPPINGS, _comfy
-    from .nodes.headless import apply_overrides, run_prompt, workflow_to_prompt
+    from .core.errors import WorkflowError
+    from .nodes.headless import apply_overrides, run_prompt, validate_prompt, workflow_to_prompt
 
-    workflow = json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    api_format = isinstance(data, dict) and "nodes" not in data and data and all(
+        isinstance(v, dict) and "class_type" in v for v in data.values())
+    workflow = None if api_format else data
     _comfy.use_headless(_comfy.HeadlessHost(models_dir=models_dir, output_dir=output_dir))
     try:
-        prompt = workflow_to_prompt(workflow, NODE_CLASS_MAPPINGS)
-        apply_overrides(prompt, list(overrides))
+        prompt = dict(data) if api_format else workflow_to_prompt(data, NODE_CLASS_MAPPINGS)
+        unknown = sorted({v["class_type"] for v in prompt.values()} - set(NODE_CLASS_MAPPINGS))
+        if unknown:
+            raise WorkflowError(f"Headless runs know only Flipbook nodes; this prompt uses {', '.join(unknown)}.")
+        apply_overrides(prompt, list(overrides), NODE_CLASS_MAPPINGS)
+        validate_prompt(prompt, NODE_CLASS_MAPPINGS)
         ui = run_prompt(prompt, NODE_CLASS_MAPPINGS, workflow=workflow)
     finally:
         _comfy.use_headless(None)
@@ -102,7 +110,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     inspect.set_defaults(func=_inspect)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return args.func(args)
+    from .core.errors import FlipbookError
+
+    try:
+        return args.func(args)
+    except (FlipbookError, OSError, json.JSONDecodeError) as exc:
+        sys.stderr.write(f"flipbook: {exc}\n")  # typed errors already say what to do; no traceback
+        return 2
 
 
 if __name__ == "__main__":

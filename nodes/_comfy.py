@@ -49,12 +49,23 @@ def _folder_paths():
 
 
 def register_model_folders() -> None:
-    """Inside ComfyUI: make sure `animatediff_models` exists as a model folder (as AnimateDiff-Evolved does)."""
+    """Inside ComfyUI: add models/animatediff_models to that model folder (as AnimateDiff-Evolved does),
+    also when extra_model_paths.yaml or another pack already registered the name."""
     folder_paths = _folder_paths()
-    if folder_paths is None or ANIMATEDIFF_FOLDER in folder_paths.folder_names_and_paths:
+    if folder_paths is None:
         return
-    default = Path(folder_paths.models_dir) / ANIMATEDIFF_FOLDER
-    folder_paths.folder_names_and_paths[ANIMATEDIFF_FOLDER] = ([str(default)], set(MODEL_SUFFIXES))
+    folder_paths.add_model_folder_path(ANIMATEDIFF_FOLDER, str(Path(folder_paths.models_dir) / ANIMATEDIFF_FOLDER))
+    extensions = folder_paths.folder_names_and_paths[ANIMATEDIFF_FOLDER][1]
+    if extensions:  # an empty set means "every file"; otherwise make sure model files are listed
+        extensions.update(MODEL_SUFFIXES)
+
+
+def _inside(root: Path, name: str, what: str) -> Path:
+    """root/name, refusing absolute names and '..' (symlinked files inside the folder are fine)."""
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not name:
+        raise ModelFileNotFoundError(f"{name!r} points outside the {what} ({root}); use a name inside it.")
+    return root / relative
 
 
 def model_names(folder: str) -> list[str]:
@@ -76,10 +87,8 @@ def model_path(folder: str, name: str) -> Path:
             return Path(found)
         where = ", ".join(folder_paths.get_folder_paths(folder))
     else:
-        root = (_headless.models_dir / folder if _headless else Path(folder)).resolve()
-        candidate = (root / name).resolve()
-        if root not in candidate.parents:
-            raise ModelFileNotFoundError(f"{name!r} points outside the {folder} folder ({root}).")
+        root = _headless.models_dir / folder if _headless else Path(folder)
+        candidate = _inside(root, name, f"{folder} folder")
         if candidate.is_file():
             return candidate
         where = str(root)
@@ -186,14 +195,17 @@ def input_files() -> list[str]:
 
 
 def input_path(name: str) -> Path:
+    """A file in ComfyUI's input folder ('name [output]'/'[temp]' annotations as ComfyUI reads them);
+    absolute names and '..' are refused: a workflow must not read arbitrary files of the server."""
     folder_paths = _folder_paths()
-    if folder_paths is not None:
-        return Path(folder_paths.get_annotated_filepath(name))
-    root = _input_dir().resolve()
-    candidate = (root / name).resolve()
-    if root not in candidate.parents:
-        raise ModelFileNotFoundError(f"{name!r} points outside the input folder ({root}).")
-    return candidate
+    if folder_paths is None:
+        return _inside(_input_dir(), name, "input folder")
+    plain, root = name, Path(folder_paths.get_input_directory())
+    for tag, getter in ((" [output]", "get_output_directory"), (" [temp]", "get_temp_directory"),
+                        (" [input]", "get_input_directory")):
+        if name.endswith(tag):
+            plain, root = name[: -len(tag)], Path(getattr(folder_paths, getter)())
+    return _inside(root, plain, "input folder")
 
 
 def compute_dtype():

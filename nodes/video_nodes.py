@@ -73,6 +73,19 @@ def _check_save(cls, format=None, crf=None, pix_fmt=None):
     return True
 
 
+def _check_load(cls, video=None):
+    """When queued: the file must be a name inside ComfyUI's input folder (V3 combos are not checked)."""
+    from ..core.errors import ModelFileNotFoundError
+
+    if video is None:
+        return True
+    try:
+        path = _comfy.input_path(video)
+    except ModelFileNotFoundError as exc:
+        return str(exc)
+    return True if path.is_file() else f"{video!r} is not in ComfyUI's input folder; upload it or pick another."
+
+
 def _input_mtime(cls, video=None, **_):
     """Re-read the file when it changes on disk under the same name (as core LoadVideo does)."""
     try:
@@ -160,6 +173,7 @@ LOAD_VIDEO = NodeSpec(
     ),
     outputs=(("IMAGE", "frames"), ("FLOAT", "fps"), ("INT", "frame_count")),
     run=_load,
+    validate=_check_load,
     fingerprint=_input_mtime,
 )
 

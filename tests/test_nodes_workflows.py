@@ -51,7 +51,7 @@ def test_workflow_to_prompt_skips_the_seed_control_value():
     assert (sampler["steps"], sampler["cfg"], sampler["scheduler"], sampler["motion_scale"]) == (4, 1.0, "trailing", 1.0)
     assert prompt["3"]["inputs"]["images"] == ["2", 0] and prompt["3"]["inputs"]["crf"] == 19
     assert prompt["3"]["inputs"]["pingpong"] is False and "audio" not in prompt["3"]["inputs"]
-    apply_overrides(prompt, ["FlipbookLightningSampler.width=64", "2.prompt=hello world"])
+    apply_overrides(prompt, ["FlipbookLightningSampler.width=64", "2.prompt=hello world"], NODE_CLASS_MAPPINGS)
     assert sampler["width"] == 64 and sampler["prompt"] == "hello world"
 
 
@@ -84,6 +84,11 @@ def test_cli_run_with_overrides_and_inspect(demo_output, capsys):
                      "--set", "FlipbookLightningSampler.height=64", "--set", "FlipbookLightningSampler.frames=8"]) == 0
     video = Path(capsys.readouterr().out.strip())
     assert video.name == "lightning_00002_.mp4"
+    import av
+
+    with av.open(str(video)) as container:  # the overrides took effect
+        stream = container.streams.video[0]
+        assert sum(1 for _ in container.decode(stream)) == 8 and stream.codec_context.width == 64
     assert cli.main(["inspect", str(video)]) == 0
     assert '"workflow": "3 nodes"' in capsys.readouterr().out
 
@@ -114,6 +119,13 @@ def fake_comfy(tiny_models, tmp_path, monkeypatch):
     folder_paths.get_full_path = lambda f, n: str(Path(folder_paths.folder_names_and_paths[f][0][0]) / n)
     folder_paths.get_folder_paths = lambda f: folder_paths.folder_names_and_paths[f][0]
     folder_paths.get_output_directory = lambda: str(tmp_path / "output")
+
+    def add_model_folder_path(name, path, is_default=False):  # as ComfyUI: a new name gets an empty set
+        paths, _ = folder_paths.folder_names_and_paths.setdefault(name, ([], set()))
+        if path not in paths:
+            paths.append(path)
+
+    folder_paths.add_model_folder_path = add_model_folder_path
     utils = types.ModuleType("comfy.utils")
 
     class ProgressBar:
