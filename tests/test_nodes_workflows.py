@@ -186,13 +186,28 @@ def test_cancel_stops_sampling(fake_comfy):
     assert len(state["updates"]) == 2 and model.motion_scale.value == 1.0
 
 
+# keyword parameters of comfy_api.latest io.<Type>.Input in ComfyUI 0.3.64 (comfy_api/latest/_io.py)
+_COMMON = {"display_name", "optional", "tooltip", "lazy"}
+_ACCEPTS = {
+    "INT": _COMMON | {"default", "min", "max", "step", "control_after_generate", "display_mode", "socketless",
+                      "force_input"},
+    "FLOAT": _COMMON | {"default", "min", "max", "step", "round", "display_mode", "socketless", "force_input"},
+    "STRING": _COMMON | {"multiline", "placeholder", "default", "dynamic_prompts", "socketless", "force_input"},
+    "BOOLEAN": _COMMON | {"default", "label_on", "label_off", "socketless", "force_input"},
+    "COMBO": _COMMON | {"options", "default", "control_after_generate", "upload", "image_folder", "remote",
+                        "socketless"},
+}
+
+
 def _fake_io():
-    """Records what the V3 adapter asks of comfy_api's io module."""
+    """Records what the V3 adapter asks of comfy_api's io module, refusing keywords the real one lacks."""
     io = types.SimpleNamespace()
 
     def kind(type_name):
         class Input:
             def __init__(self, name, **kw):
+                unknown = set(kw) - _ACCEPTS.get(type_name, _COMMON)
+                assert not unknown, f"io {type_name}.Input has no parameter(s) {unknown}"
                 self.type, self.name, self.kw = type_name, name, kw
 
         class Output:
@@ -228,8 +243,16 @@ def test_v3_schema_mirrors_the_v1_inputs_in_order():
         assert schema.node_id == spec.node_id and [i.name for i in schema.inputs] == [p.name for p in spec.inputs]
         assert set(v1_inputs) == {p.name for p in spec.inputs}
         for item in schema.inputs:
-            assert item.kw["tooltip"] == v1_inputs[item.name][1]["tooltip"]
+            v1_options = v1_inputs[item.name][1]
+            assert item.kw["tooltip"] == v1_options["tooltip"]
             assert item.kw["optional"] == (item.name in v1.get("optional", {}))
+            for key in ("default", "min", "max", "step", "round", "multiline", "control_after_generate"):
+                assert item.kw.get(key) == v1_options.get(key), (spec.node_id, item.name, key)
+            if item.type == "COMBO":
+                assert item.kw["options"] == v1_inputs[item.name][0]
+        for hook, v1_name in (("validate_inputs", "VALIDATE_INPUTS"), ("fingerprint_inputs", "IS_CHANGED")):
+            v3_class_obj = v3_class(spec, io)
+            assert hasattr(v3_class_obj, hook) == hasattr(NODE_CLASS_MAPPINGS[spec.node_id], v1_name)
         assert [o.type for o in schema.outputs] == list(NODE_CLASS_MAPPINGS[spec.node_id].RETURN_TYPES)
         assert schema.hidden == [getattr(io.Hidden, h) for h in spec.hidden]
 
