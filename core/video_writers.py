@@ -108,13 +108,15 @@ def _mux_until(container, packets: list, seconds: float) -> None:
         container.mux(packets.pop(0))
 
 
-def write_mp4(path, frames, settings, metadata, audio=None, progress=None) -> None:
+def write_mp4(path: Path, frames: np.ndarray, settings: VideoSettings, metadata: Mapping[str, str],
+              audio: Optional[AudioTrack] = None, progress: Optional[ProgressFn] = None) -> None:
     """H.264 MP4; faststart puts moov (and the workflow) first, so files of any size restore."""
     _write_av(path, "mp4", "libx264", frames, settings, metadata, audio, "aac",
               {"movflags": "use_metadata_tags+faststart"}, progress)
 
 
-def write_webm(path, frames, settings, metadata, audio=None, progress=None) -> None:
+def write_webm(path: Path, frames: np.ndarray, settings: VideoSettings, metadata: Mapping[str, str],
+               audio: Optional[AudioTrack] = None, progress: Optional[ProgressFn] = None) -> None:
     """VP9 WebM; ffmpeg's Matroska muxer writes the tags upper-cased in the header."""
     _write_av(path, "webm", "libvpx-vp9", frames, settings, metadata, audio, "libopus", {}, progress)
 
@@ -146,7 +148,8 @@ def webp_exif(metadata: Mapping[str, str]) -> bytes:
     return exif.tobytes()
 
 
-def write_webp(path, frames, settings, metadata, audio=None, progress=None) -> None:
+def write_webp(path: Path, frames: np.ndarray, settings: VideoSettings, metadata: Mapping[str, str],
+               audio: Optional[AudioTrack] = None, progress: Optional[ProgressFn] = None) -> None:
     """Animated WebP; a still result (1 frame or identical frames) is re-wrapped as a 1-frame animation."""
     images = _pil_frames(frames, progress)
     buffer = io.BytesIO()
@@ -168,7 +171,8 @@ def png_info(metadata: Mapping[str, str]):
     return info
 
 
-def write_png(path, frames, settings, metadata, audio=None, progress=None) -> None:
+def write_png(path: Path, frames: np.ndarray, settings: VideoSettings, metadata: Mapping[str, str],
+              audio: Optional[AudioTrack] = None, progress: Optional[ProgressFn] = None) -> None:
     """PNG for one frame, APNG (still named .png, which is what the frontend routes) for more."""
     images = _pil_frames(frames, progress)
     extra = {} if len(images) == 1 else dict(save_all=True, append_images=images[1:], duration=_frame_ms(settings),
@@ -186,7 +190,8 @@ def gif_durations(count: int, fps: float) -> list[int]:
     return [10 * max(2, tick) for tick in ticks]
 
 
-def write_gif(path, frames, settings, metadata, audio=None, progress=None) -> None:
+def write_gif(path: Path, frames: np.ndarray, settings: VideoSettings, metadata: Mapping[str, str],
+              audio: Optional[AudioTrack] = None, progress: Optional[ProgressFn] = None) -> None:
     """GIF (no metadata: no frontend reads any from a GIF; the caller writes the sidecar PNG).
 
     `loop` counts plays like WebP/APNG; GIF's NETSCAPE field counts repeats after the first play.
