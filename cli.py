@@ -9,12 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .core.video_writers import FORMATS
+
 PACK_DIR = Path(__file__).resolve().parent
 WORKFLOWS = PACK_DIR / "workflows"
 DEMO_WORKFLOW = WORKFLOWS / "lightning_4step_t2v.json"
 # tiny models are tiny in width too: the demo samples 64 px so it finishes in seconds on a CPU
 DEMO_OVERRIDES = ("FlipbookLightningSampler.width=64", "FlipbookLightningSampler.height=64")
-FORMATS = ("mp4", "webm", "webp", "png", "gif")
 
 
 def write_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
@@ -97,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("path", choices=["lightning"])
     demo.add_argument("--models-dir", help="keep the tiny models here (ComfyUI models/ layout)")
     demo.add_argument("--output-dir", help="where the video goes (default ./output)")
-    demo.add_argument("--format", choices=FORMATS, default="mp4", help="output format (default mp4)")
+    demo.add_argument("--format", choices=list(FORMATS), default="mp4", help="output format (default mp4)")
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="run a workflow JSON (UI format) headless on real models")
     run.add_argument("workflow")

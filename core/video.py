@@ -21,7 +21,7 @@ from .video_writers import FORMATS, AudioTrack, OutputFormat, VideoSettings, wri
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 __all__ = ["AudioTrack", "FORMATS", "SavedVideo", "VideoSettings", "check_format_settings", "frames_to_array",
-           "save_video", "save_mp4"]
+           "save_video"]
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,15 @@ def frames_to_array(frames: torch.Tensor, sixteen_bit: bool = False, even: bool 
     return array
 
 
-def check_format_settings(format_id: str, crf: int, pix_fmt: str) -> None:
-    """The cheap per-format checks, also run by the node before the workflow starts."""
+def _format(format_id: str) -> OutputFormat:
     if format_id not in FORMATS:
         raise InvalidSettingError(f"Unknown format {format_id!r}; choose one of {', '.join(FORMATS)}.")
-    _validate(FORMATS[format_id], VideoSettings(crf=crf, pix_fmt=pix_fmt))
+    return FORMATS[format_id]
+
+
+def check_format_settings(format_id: str, crf: int, pix_fmt: str) -> None:
+    """The cheap per-format checks, also run by the node before the workflow starts."""
+    _validate(_format(format_id), VideoSettings(crf=crf, pix_fmt=pix_fmt))
 
 
 def _validate(fmt: OutputFormat, settings: VideoSettings) -> None:
@@ -97,8 +101,7 @@ def save_video(
     metadata: Mapping[str, str], audio: Optional[AudioTrack] = None, progress: Optional[ProgressFn] = None,
 ) -> SavedVideo:
     """Encode to a temp file, then claim `<prefix>_00001_.<ext>`; a failure or cancel leaves nothing behind."""
-    check_format_settings(format_id, settings.crf, settings.pix_fmt)
-    fmt = FORMATS[format_id]
+    fmt = _format(format_id)
     _validate(fmt, settings)
     video_codec = bool(fmt.pix_fmts)  # pix_fmt and crf mean nothing to the image formats
     array = frames_to_array(frames, sixteen_bit=video_codec and "10" in settings.pix_fmt, even=video_codec)
@@ -120,15 +123,8 @@ def save_video(
     sidecar = None
     if not restores:
         notes.append(why)
-        sidecar = claim_sidecar(final[0], ".png", lambda p: write_png(p, array[:1].astype(np.uint8)
-                                                                      if array.dtype == np.uint8 else
-                                                                      (array[:1] >> 8).astype(np.uint8),
-                                                                      settings, metadata))
+        first = array[:1] if array.dtype == np.uint8 else (array[:1] >> 8).astype(np.uint8)
+        sidecar = claim_sidecar(final[0], ".png", lambda path: write_png(path, first, settings, metadata))
     for note in notes:
         log.warning("%s", note)
     return SavedVideo(final[0], subfolder, fmt.id, array.shape[0], array.shape[2], array.shape[1], sidecar, tuple(notes))
-
-
-def save_mp4(frames: torch.Tensor, output_dir: Path, filename_prefix: str, settings: VideoSettings,
-             metadata: Mapping[str, str], progress: Optional[ProgressFn] = None) -> SavedVideo:
-    return save_video(frames, output_dir, filename_prefix, "mp4", settings, metadata, progress=progress)

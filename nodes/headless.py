@@ -57,12 +57,10 @@ def _node_inputs(node: Mapping[str, Any], node_class, links: Mapping[int, list],
     values = list(node.get("widgets_values") or [])
     inputs: dict[str, Any] = {}
     for name, spec in _ordered_inputs(node_class):
-        if _is_widget(spec) and name not in linked and values:
-            inputs[name] = values.pop(0)
-            if _has_control_widget(name, spec) and values:
-                values.pop(0)
-        elif _is_widget(spec) and name in linked and values:
-            values.pop(0)  # a widget converted to an input still keeps its slot in widgets_values
+        if _is_widget(spec) and values:
+            value = values.pop(0)  # a widget converted to an input still keeps its slot in widgets_values
+            if name not in linked:
+                inputs[name] = value
             if _has_control_widget(name, spec) and values:
                 values.pop(0)
         if name in linked:

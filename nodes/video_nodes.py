@@ -3,6 +3,7 @@ ComfyUI's native VIDEO, and load a video file into frames."""
 from __future__ import annotations
 
 from ..core.metadata import build_metadata
+from ..core.video_writers import FORMATS as OUTPUT_FORMATS
 from . import _comfy
 from .specs import NodeResult, NodeSpec, Param
 
@@ -41,17 +42,21 @@ def _save(filename_prefix, fps, format, crf, pix_fmt, loop, pingpong, quality, i
     metadata = build_metadata(prompt, extra_pnginfo, disabled=_comfy.metadata_disabled())
     saved = save_video(images, _comfy.output_dir(), filename_prefix, format, settings, metadata,
                        audio=_audio_track(audio), progress=_comfy.progress_reporter(int(images.shape[0])))
-    mime = {"mp4": "video/mp4", "webm": "video/webm", "webp": "image/webp", "png": "image/png", "gif": "image/gif"}
-    entry = {"filename": saved.path.name, "subfolder": saved.subfolder, "type": "output", "format": mime[format]}
+    entry = {"filename": saved.path.name, "subfolder": saved.subfolder, "type": "output",
+             "format": OUTPUT_FORMATS[format].mime}
     ui = {"images": [entry], "animated": (True,)}
     if saved.notes:
         ui["flipbook_notes"] = list(saved.notes)
     return NodeResult((), ui)
 
 
-FORMATS = ("mp4", "webm", "webp", "png", "gif")
-PIX_FMTS = ("yuv420p", "yuv444p", "yuv420p10le")
-CRF_RANGE = (0, 63)
+FORMATS = tuple(OUTPUT_FORMATS)
+PIX_FMTS = tuple(dict.fromkeys(p for fmt in OUTPUT_FORMATS.values() for p in fmt.pix_fmts))
+CRF_RANGE = (0, max(fmt.crf_max or 0 for fmt in OUTPUT_FORMATS.values()))
+
+
+def _fps(tooltip: str) -> Param:
+    return Param("fps", "FLOAT", tooltip, {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1, "round": 0.001})
 
 
 def _check_save(cls, format=None, crf=None, pix_fmt=None):
@@ -116,8 +121,7 @@ SAVE_VIDEO = NodeSpec(
         Param("images", "IMAGE", "Frames from any node (ComfyUI IMAGE batch).", optional=True),
         Param("filename_prefix", "STRING", "Sub-folder/name inside ComfyUI's output folder; a counter keeps every "
               "save unique.", {"default": "flipbook/video"}),
-        Param("fps", "FLOAT", "Frames per second (AnimateDiff clips: 8, Wan: 16; 23.976 works). A VIDEO input "
-              "keeps its own.", {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1, "round": 0.001}),
+        _fps("Frames per second (AnimateDiff clips: 8, Wan: 16; 23.976 works). A VIDEO input keeps its own."),
         Param("format", "COMBO", FORMAT_HELP, {"default": "mp4"}, choices=lambda: list(FORMATS)),
         Param("crf", "INT", "MP4/WebM quality: lower is better and bigger (H.264 0-51, VP9 0-63; 17-23 typical).",
               {"default": 19, "min": CRF_RANGE[0], "max": CRF_RANGE[1]}),
@@ -147,8 +151,7 @@ FRAMES_TO_VIDEO = NodeSpec(
     description="Wraps IMAGE frames (and optional AUDIO) as ComfyUI's native VIDEO, for core video nodes.",
     inputs=(
         Param("images", "IMAGE", "Frames from any node."),
-        Param("fps", "FLOAT", "Frames per second.",
-              {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1, "round": 0.001}),
+        _fps("Frames per second."),
         Param("audio", "AUDIO", "Optional sound.", optional=True),
     ),
     outputs=(("VIDEO", "video"),),

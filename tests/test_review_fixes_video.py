@@ -1,5 +1,5 @@
 """Regressions for the video review: rotation, 10-bit with image formats, sidecars without hard links,
-audio layout/interleave/rates, GIF timing and loops, strict readers, cancel points, validation."""
+audio layout/interleave/rates, GIF timing and loops, strict readers, cancel points (tests/test_video.py), validation."""
 from __future__ import annotations
 
 import os
@@ -104,20 +104,6 @@ def test_readers_refuse_nan_like_frontend_1_27(tmp_path):
     good = save_video(torch.rand(1, 4, 4, 3), tmp_path, "ok", "png", VideoSettings(),
                       build_metadata(None, {"workflow": {"a": [float("nan")]}}))
     assert read_workflow(good.path) == {"workflow": {"a": [None]}}
-
-
-@pytest.mark.parametrize("fmt", ["webp", "png", "gif"])
-def test_image_formats_can_be_cancelled_while_preparing_frames(tmp_path, fmt):
-    class Cancelled(Exception):
-        pass
-
-    def progress(done, total):
-        if done == 2:
-            raise Cancelled()
-
-    with pytest.raises(Cancelled):
-        save_video(torch.rand(6, 8, 8, 3), tmp_path, "c", fmt, VideoSettings(), {}, progress=progress)
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_browser_unfriendly_mp4_settings_are_noted(tmp_path):

@@ -187,16 +187,23 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, fmt):
     assert list(tmp_path.rglob("*")) == []
 
 
-def test_cancel_mid_encode_leaves_nothing(tmp_path):
-    class Cancelled(Exception):
-        pass
+class Cancelled(Exception):
+    pass
 
+
+def cancel_at(step):
+    """A progress callback that cancels at `step`, as ComfyUI's progress hook does on Cancel."""
     def progress(done, total):
-        if done == 3:
+        if done == step:
             raise Cancelled()
 
+    return progress
+
+
+@pytest.mark.parametrize("fmt,frames,step", [("mp4", 8, 3), ("webp", 6, 2), ("png", 6, 2), ("gif", 6, 2)])
+def test_cancel_mid_encode_leaves_nothing(tmp_path, fmt, frames, step):
     with pytest.raises(Cancelled):
-        save_video(_frames(8), tmp_path, "clip", "mp4", VideoSettings(), {}, progress=progress)
+        save_video(_frames(frames), tmp_path, "clip", fmt, VideoSettings(), {}, progress=cancel_at(step))
     assert list(tmp_path.rglob("*")) == []
 
 
