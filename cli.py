@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .core.video_writers import FORMATS
+from .core.media.writers import FORMATS
 
 PACK_DIR = Path(__file__).resolve().parent
 WORKFLOWS = PACK_DIR / "workflows"
@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .core.media_readers import read_workflow
+    from .core.media.readers import read_workflow
 
     found = read_workflow(args.file)
     summary = {k: (f"{len(v.get('nodes', []))} nodes" if k == "workflow" else f"{len(v)} entries")

@@ -2,8 +2,8 @@
 ComfyUI's native VIDEO, and load a video file into frames."""
 from __future__ import annotations
 
-from ..core.metadata import build_metadata
-from ..core.video_writers import FORMATS as OUTPUT_FORMATS
+from ..core.media.metadata import build_metadata
+from ..core.media.writers import FORMATS as OUTPUT_FORMATS
 from . import _comfy
 from .specs import NodeResult, NodeSpec, Param
 
@@ -14,7 +14,7 @@ FORMAT_HELP = ("mp4: H.264, plays everywhere. webm: VP9. webp: animated WebP. pn
 
 def _audio_track(audio):
     """ComfyUI AUDIO {'waveform': [B, C, T], 'sample_rate'} -> core AudioTrack (first batch item)."""
-    from ..core.video import AudioTrack
+    from ..core.media.save import AudioTrack
 
     if audio is None:
         return None
@@ -35,7 +35,7 @@ def _frames_of(images, video, fps, audio):
 
 def _save(filename_prefix, fps, format, crf, pix_fmt, loop, pingpong, quality, images=None, audio=None, video=None,
           prompt=None, extra_pnginfo=None) -> NodeResult:
-    from ..core.video import VideoSettings, save_video
+    from ..core.media.save import VideoSettings, save_video
 
     images, fps, audio = _frames_of(images, video, fps, audio)
     settings = VideoSettings(fps=fps, crf=crf, pix_fmt=pix_fmt, loop=loop, pingpong=pingpong, quality=quality)
@@ -64,7 +64,7 @@ def _check_save(cls, format=None, crf=None, pix_fmt=None):
     the (long) generation. ComfyUI skips its own list/range checks for inputs a validator names, so
     they are repeated here. Values arriving through links are checked at run time instead."""
     from ..core.errors import InvalidSettingError
-    from ..core.video import check_format_settings
+    from ..core.media.save import check_format_settings
 
     if None in (format, crf, pix_fmt):
         return True
@@ -104,7 +104,7 @@ def _to_video(images, fps, audio=None) -> NodeResult:
 
 
 def _load(video, frame_cap, skip_first, every_nth, size_multiple) -> NodeResult:
-    from ..core.video_reader import load_video
+    from ..core.media.load_video import load_video
 
     loaded = load_video(_comfy.input_path(video), frame_cap, skip_first, every_nth, int(size_multiple),
                         progress=_comfy.progress_reporter(frame_cap or 1))

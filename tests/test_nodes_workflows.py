@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from flipbook_pack import NODE_CLASS_MAPPINGS, cli
-from flipbook_pack.core.media_readers import read_mp4_metadata
-from flipbook_pack.core.metadata import encode_value
+from flipbook_pack.core.media.readers import read_mp4_metadata
+from flipbook_pack.core.media.metadata import encode_value
 from flipbook_pack.nodes import _comfy
 from flipbook_pack.nodes.headless import _has_control_widget, _is_widget, apply_overrides, workflow_to_prompt
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from flipbook_pack import NODE_CLASS_MAPPINGS
-from flipbook_pack.core import video_files
+from flipbook_pack.core.media import files as video_files
 from flipbook_pack.core.errors import InvalidSettingError
-from flipbook_pack.core.media_readers import read_png_metadata, read_workflow
-from flipbook_pack.core.metadata import build_metadata
-from flipbook_pack.core.video import AudioTrack, VideoSettings, save_video
-from flipbook_pack.core.video_reader import load_video
-from flipbook_pack.core.video_writers import gif_durations
+from flipbook_pack.core.media.readers import read_png_metadata, read_workflow
+from flipbook_pack.core.media.metadata import build_metadata
+from flipbook_pack.core.media.save import AudioTrack, VideoSettings, save_video
+from flipbook_pack.core.media.load_video import load_video
+from flipbook_pack.core.media.writers import gif_durations
 
 
 def _rotated_mp4(tmp_path):

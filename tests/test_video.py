@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from flipbook_pack.core import video
+from flipbook_pack.core.media import save
 from flipbook_pack.core.errors import InvalidSettingError, VideoWriteError
-from flipbook_pack.core.media_readers import read_mp4_metadata, read_webp_metadata, read_workflow
-from flipbook_pack.core.metadata import build_metadata, encode_value
-from flipbook_pack.core.video import AudioTrack, VideoSettings, save_video
+from flipbook_pack.core.media.readers import read_mp4_metadata, read_webp_metadata, read_workflow
+from flipbook_pack.core.media.metadata import build_metadata, encode_value
+from flipbook_pack.core.media.save import AudioTrack, VideoSettings, save_video
 
 WAN_NEGATIVE = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止"
 WORKFLOW = {"nodes": [{"id": 1, "widgets_values": [WAN_NEGATIVE, "open { only", 'say "hi" }}', float("nan"), 1.5,
@@ -176,7 +176,7 @@ def _break_writer(monkeypatch, fmt, error):
         path.write_bytes(b"partial")
         raise error
 
-    monkeypatch.setattr(video, "FORMATS", {**video.FORMATS, fmt: dataclasses.replace(video.FORMATS[fmt], writer=boom)})
+    monkeypatch.setattr(save, "FORMATS", {**save.FORMATS, fmt: dataclasses.replace(save.FORMATS[fmt], writer=boom)})
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "gif"])

@@ -11,9 +11,9 @@ import torch
 
 from flipbook_pack import NODE_CLASS_MAPPINGS, cli
 from flipbook_pack.core.errors import InvalidSettingError, ModelFileNotFoundError
-from flipbook_pack.core.media_readers import read_workflow
-from flipbook_pack.core.video import VideoSettings, save_video
-from flipbook_pack.core.video_reader import load_video
+from flipbook_pack.core.media.readers import read_workflow
+from flipbook_pack.core.media.save import VideoSettings, save_video
+from flipbook_pack.core.media.load_video import load_video
 from flipbook_pack.nodes import _comfy
 from flipbook_pack.nodes.video_nodes import SAVE_VIDEO
 

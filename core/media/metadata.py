@@ -1,9 +1,12 @@
 """The workflow/prompt metadata embedded in saved media, encoded the way every frontend can read it.
 
-Rules (reference comfyui-metadata-and-node-api.md §7): every `extra_pnginfo` key plus `prompt`;
-each value JSON-encoded exactly once, ASCII only, non-finite floats as null (frontends before
-~1.50 use plain JSON.parse), and `{`/`}` inside JSON strings written as \\u007b/\\u007d because
-the WebM reader finds the end of the JSON by counting braces, strings included.
+Rules (as ComfyUI core's savers build it: Comfy-Org/ComfyUI nodes.py SaveImage and
+comfy_extras/nodes_video.py SaveVideo; read back by Comfy-Org/ComfyUI_frontend src/scripts/metadata/):
+every `extra_pnginfo` key plus `prompt`; each value JSON-encoded exactly once, ASCII only,
+non-finite floats as null (frontends before ~1.50 use plain JSON.parse, not src/utils/jsonUtil.ts
+parseJsonWithNonFinite), and `{`/`}` inside JSON strings written as \\u007b/\\u007d because the
+WebM reader (src/scripts/metadata/ebml.ts, findJsonEnd) finds the end of the JSON by counting
+braces, strings included.
 """
 from __future__ import annotations
 

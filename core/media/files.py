@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import VideoWriteError
+from ..errors import VideoWriteError
 
 _SAFE_PREFIX = re.compile(r"^[^\x00]+$")
 

@@ -14,9 +14,9 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 
-from .errors import InvalidSettingError, VideoWriteError
-from .video_files import atomic_output, claim_sidecar, output_folder
-from .video_writers import FORMATS, AudioTrack, OutputFormat, VideoSettings, write_png
+from ..errors import InvalidSettingError, VideoWriteError
+from .files import atomic_output, claim_sidecar, output_folder
+from .writers import FORMATS, AudioTrack, OutputFormat, VideoSettings, write_png
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]

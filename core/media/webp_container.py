@@ -2,9 +2,11 @@
 
 libwebp's animation encoder writes a still image (VP8X + VP8L + EXIF) when all frames are equal or
 there is only one. ComfyUI frontends before ~1.50 walk RIFF chunks without the pad byte of an
-odd-sized chunk, so a still whose VP8L chunk has an odd length hides its EXIF chunk (reference
-comfyui-metadata-and-node-api.md, addendum). Inside an ANMF chunk the image chunk keeps its pad and
-ANMF itself is always even, so one-frame animations are read correctly by every frontend.
+odd-sized chunk, so a still whose VP8L chunk has an odd length hides its EXIF chunk
+(Comfy-Org/ComfyUI_frontend src/scripts/pnginfo.ts, getWebpMetadata, as shipped in
+comfyui-frontend-package 1.27.10, the frontend ComfyUI 0.3.64 pins). Inside an ANMF chunk the image
+chunk keeps its pad and ANMF itself is always even, so one-frame animations are read correctly by
+every frontend.
 (WebP container spec: https://developers.google.com/speed/webp/docs/riff_container)
 """
 from __future__ import annotations

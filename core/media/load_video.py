@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .errors import InvalidSettingError, ModelFileNotFoundError
+from ..errors import InvalidSettingError, ModelFileNotFoundError
 
 ProgressFn = Callable[[int, int], None]
 # .webp is not here: FFmpeg cannot decode animated WebP

@@ -3,7 +3,8 @@
 Used by the tests (and `flipbook inspect`) to prove that what we write is what the frontend
 reads: the MP4 reader walks top-level boxes inside the first 64 MiB, then moov/udta/meta with its
 `keys` (mdta) and `ilst` boxes, matches `prompt`/`workflow` case-insensitively and parses the
-value from the first `{` (reference comfyui-metadata-and-node-api.md §1.5).
+value from the first `{` (Comfy-Org/ComfyUI_frontend src/scripts/metadata/isobmff.ts,
+getFromIsobmffFile; the other formats' readers are its siblings there and src/scripts/pnginfo.ts).
 """
 from __future__ import annotations
 
