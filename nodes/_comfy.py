@@ -186,7 +186,7 @@ def _input_dir() -> Path:
 
 def input_files() -> list[str]:
     """Video files in ComfyUI's input folder (top level, as core LoadVideo lists them)."""
-    from ..core.video_reader import VIDEO_SUFFIXES
+    from ..core.media.load_video import VIDEO_SUFFIXES
 
     folder = _input_dir()
     if not folder.is_dir():

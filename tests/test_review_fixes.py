@@ -10,9 +10,9 @@ import torch
 from flipbook_pack.core import checkpoints
 from flipbook_pack.core.errors import (ModelFileNotFoundError, SettingsMismatchError, UnsupportedCheckpointError,
                                        VideoWriteError)
-from flipbook_pack.core.media_readers import read_workflow
-from flipbook_pack.core.metadata import build_metadata
-from flipbook_pack.core.video import VideoSettings, save_video
+from flipbook_pack.core.media.readers import read_workflow
+from flipbook_pack.core.media.metadata import build_metadata
+from flipbook_pack.core.media.save import VideoSettings, save_video
 from flipbook_pack.lightning import motion_module as MM
 from flipbook_pack.lightning import pipeline as P
 from flipbook_pack.lightning import sd15_checkpoint as S
