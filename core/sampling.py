@@ -25,15 +25,6 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
 
 
-def initial_latent(noise: torch.Tensor, sigma_max: torch.Tensor) -> torch.Tensor:
-    """Pure-noise start in x/sqrt(alphabar) space: sqrt(1 + sigma^2) * noise.
-
-    A VP-trained model sees x_T ~ N(0, 1); divided by sqrt(alphabar) that has std
-    sqrt(1 + sigma^2), which is what diffusers' init_noise_sigma and ComfyUI's max_denoise use.
-    """
-    return noise * (1.0 + sigma_max**2) ** 0.5
-
-
 @torch.no_grad()
 def sample_euler(
     denoiser: Denoiser,
@@ -54,8 +45,3 @@ def sample_euler(
         if callback is not None:
             callback(i + 1, total, x, denoised)
     return x
-
-
-def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """CFG (Ho & Salimans 2022): uncond + scale * (cond - uncond)."""
-    return uncond + (cond - uncond) * scale

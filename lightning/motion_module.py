@@ -1,6 +1,6 @@
 """AnimateDiff motion modules: layout/family/version detection and loading into diffusers.
 
-Detection follows AnimateDiff-Evolved's rules (reference animatediff-lightning.md §2.4):
+Detection follows AnimateDiff-Evolved's rules (Kosinkadink/ComfyUI-AnimateDiff-Evolved animatediff/motion_module_ad.py, normalize_ad_state_dict):
 base family from the highest down-block index (3 -> SD1.5, 2 -> SDXL); version v2 when a
 mid block exists, else v3 for a 32-frame PE on SD1.5, else v1; frame limit = PE length.
 """
@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator
 
 import torch
 
 from ..core.checkpoints import load_state_dict
 from ..core.errors import UnsupportedCheckpointError
+from ..core.model_handle import adopt_tensors
 
 MOTION_HEADS = 8  # every published AnimateDiff module (guoyww configs, diffusers MotionAdapter default)
 MOTION_NORM_GROUPS = 32
@@ -130,10 +132,8 @@ def adapter_config(info: MotionModuleInfo) -> dict:
     )
 
 
-def motion_weights(
-    state: dict[str, torch.Tensor], info: MotionModuleInfo, dtype: torch.dtype, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """This file's tensors under MotionAdapter names, checked against the architecture, on device/dtype."""
+def motion_weights(state: dict[str, torch.Tensor], info: MotionModuleInfo) -> dict[str, torch.Tensor]:
+    """This file's tensors under MotionAdapter names, checked against the architecture (storage dtype kept)."""
     from diffusers import MotionAdapter
 
     weights = to_diffusers_layout(state, info)
@@ -145,7 +145,7 @@ def motion_weights(
             f"Motion module tensors do not match an AnimateDiff {info.version} module: {len(missing)} missing "
             f"(e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})."
         )
-    return {k: v.to(device, dtype) for k, v in weights.items()}
+    return weights
 
 
 def build_motion_adapter(state: dict[str, torch.Tensor], info: MotionModuleInfo, dtype: torch.dtype):
@@ -154,7 +154,7 @@ def build_motion_adapter(state: dict[str, torch.Tensor], info: MotionModuleInfo,
 
     with torch.device("meta"):
         adapter = MotionAdapter(**adapter_config(info))
-    adapter.load_state_dict(motion_weights(state, info, dtype), strict=True, assign=True)
+    adopt_tensors(adapter, motion_weights(state, info), device=torch.device("cpu"), dtype=dtype, what="motion module")
     return adapter.eval()
 
 
@@ -170,16 +170,18 @@ def motion_attention_key_projections(unet: torch.nn.Module) -> list[torch.nn.Mod
     return [m.to_k for name, m in unet.named_modules() if ".motion_modules." in name and hasattr(m, "to_k")]
 
 
-class MotionScale:
-    """Scales the keys of temporal attention, as AnimateDiff-Evolved's scale_multival does (k *= scale).
-
-    The to_k projections have no bias, so scaling their output is exactly scaling k. A forward hook
-    keeps the weights untouched and costs one multiply per layer.
-    """
-
-    def __init__(self, unet: torch.nn.Module) -> None:
-        self.value = 1.0
-        self._handles = [layer.register_forward_hook(self._hook) for layer in motion_attention_key_projections(unet)]
-
-    def _hook(self, _module, _inputs, output: torch.Tensor) -> Optional[torch.Tensor]:
-        return None if self.value == 1.0 else output * self.value
+@contextmanager
+def motion_scale(unet: torch.nn.Module, scale: float) -> Iterator[None]:
+    """Scale the keys of temporal attention for the duration of a call, as AnimateDiff-Evolved's
+    scale_multival does (k *= scale). The to_k projections have no bias, so scaling their output is
+    exactly scaling k; forward hooks keep the weights untouched and are removed afterwards."""
+    if scale == 1.0:
+        yield
+        return
+    hooks = [layer.register_forward_hook(lambda _m, _i, output: output * scale)
+             for layer in motion_attention_key_projections(unet)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -8,44 +8,57 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
 from ..core.checkpoints import load_state_dict
+from ..core.denoisers import Denoiser, epsilon_prediction, initial_latent, uses_negative
 from ..core.devices import compute_dtype, resolve_device
 from ..core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError, UnsupportedCheckpointError
-from ..core.sampling import classifier_free_guidance, initial_latent, sample_euler, seeded_noise
-from ..core.schedules import discrete_sigmas, sigma_to_timestep, sigmas_for_steps
+from ..core.model_handle import Component, LocalMemory, MemoryPolicy, ModelHandle
+from ..core.prompt import embedding_names, encode_weighted, match_lengths
+from ..core.sampling import sample_euler, seeded_noise
+from ..core.schedules import discrete_sigmas, sigmas_for_steps
 from ..core.vae import decode_latents
 from . import variants as V
-from .motion_module import MotionModuleInfo, MotionScale, adapter_config, inspect_motion_module, motion_weights
-from .sd15_checkpoint import load_sd15_checkpoint
-from .prompt import embedding_names, encode_weighted, match_lengths
+from .motion_module import (MotionModuleInfo, adapter_config, inspect_motion_module, motion_attention_key_projections,  # noqa: F401
+                            motion_scale, motion_weights)
+from .sd15_checkpoint import inspect_sd15_checkpoint, text_encoder_component, unet_weights, vae_component
 from .text import load_tokenizer
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 MOTION_SCALE_RANGE = (0.5, 1.5)
+DECODE_CHUNK = 8  # frames per VAE decode call
 
 
 @dataclass(frozen=True, repr=False)
 class LightningModel:
     checkpoint_name: str
     motion_name: str
-    unet: torch.nn.Module  # diffusers UNetMotionModel
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
+    handle: ModelHandle  # components "text_encoder", "unet" (diffusers UNetMotionModel), "vae"
     tokenizer: object
     scaling_factor: float
     motion: MotionModuleInfo
     variant: V.Variant
     policy: str
     model_sigmas: torch.Tensor
-    device: torch.device
+    device: torch.device  # where the networks compute
     dtype: torch.dtype
-    motion_scale: MotionScale
     notes: tuple[str, ...] = ()  # what loading noticed (e.g. variant vs file name), shown on the node
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.handle["unet"].module
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.handle["vae"].module
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.handle["text_encoder"].module
 
     def __repr__(self) -> str:
         # ComfyUI prints node inputs in its error reports: keep it to one readable line
@@ -53,7 +66,8 @@ class LightningModel:
                 f"policy={self.policy}, {self.device.type} {str(self.dtype).removeprefix('torch.')})")
 
 
-# byte sizes of ByteDance's published Lightning files (reference animatediff-lightning.md §1.1)
+# byte sizes of ByteDance's published Lightning files (huggingface.co/ByteDance/AnimateDiff-Lightning file listing:
+# *_comfyui 908,929,664 bytes, *_diffusers 907,702,248 bytes)
 LIGHTNING_FILE_SIZES = (908_929_664, 907_702_248)
 
 
@@ -88,24 +102,60 @@ def resolve_variant(variant_id: str, motion_file: str, info: MotionModuleInfo,
     return variant, notes
 
 
+Placement = tuple[torch.device, torch.device]  # (compute device, offload device) of one component
+
+
 def load_lightning(
     checkpoint_path: str | Path,
     motion_path: str | Path,
+    *,
     variant_id: str = V.AUTO,
     policy: str = "strict",
     device: Optional[str] = None,
     tokenizer_dir: Optional[str | Path] = None,
     dtype: Optional[torch.dtype] = None,
+    placements: Optional[Mapping[str, Placement]] = None,
 ) -> LightningModel:
-    """Load checkpoint + motion module, checking they fit together before the big load."""
+    """Load checkpoint + motion module, checking they fit together before the big load.
+
+    Weights are read (memory-mapped) onto each component's offload device; the memory policy moves
+    them to the compute device when a step needs them. `placements` maps component names to
+    (compute, offload) devices, as ComfyUI decides them; by default all compute on `device` and wait
+    on the CPU.
+    """
     if policy not in V.POLICIES:
         raise InvalidSettingError(f"Unknown policy {policy!r}; choose one of {V.POLICIES}.")
     motion_path, checkpoint_path = Path(motion_path), Path(checkpoint_path)
-    motion_state = load_state_dict(motion_path)
-    info = inspect_motion_module(motion_state, motion_path.name)
+    info = _check_motion_module(motion_path, checkpoint_path.name)
+    variant, notes = resolve_variant(variant_id, motion_path.name, info, motion_path.stat().st_size)
+    torch_device = resolve_device(device)
+    dtype = dtype or compute_dtype(torch_device)
+    layout = inspect_sd15_checkpoint(checkpoint_path)
+    _check_widths(layout, info, checkpoint_path.name, motion_path.name)
+
+    def place(name: str) -> dict:
+        load, offload = (placements or {}).get(name, (torch_device, torch.device("cpu")))
+        return dict(load_device=torch.device(load), offload_device=torch.device(offload), dtype=dtype)
+
+    components = (text_encoder_component(layout, **place("text_encoder")),
+                  _motion_unet_component(layout, motion_path, info, **place("unet")),
+                  vae_component(layout, **place("vae")))
+    for component in components:
+        component.materialize()
+    return LightningModel(
+        checkpoint_name=checkpoint_path.name, motion_name=motion_path.name,
+        handle=ModelHandle({c.name: c for c in components}), tokenizer=load_tokenizer(tokenizer_dir),
+        scaling_factor=layout.scaling_factor, motion=info, variant=variant, policy=policy,
+        model_sigmas=discrete_sigmas(variant.beta_schedule, variant.beta_start, variant.beta_end),
+        device=torch_device, dtype=dtype, notes=notes,
+    )
+
+
+def _check_motion_module(motion_path: Path, checkpoint_name: str) -> MotionModuleInfo:
+    info = inspect_motion_module(load_state_dict(motion_path), motion_path.name)
     if info.family != "sd15":
         raise IncompatibleModelsError(
-            f"{motion_path.name} is an {info.family.upper()} motion module, but {checkpoint_path.name} is loaded as "
+            f"{motion_path.name} is an {info.family.upper()} motion module, but {checkpoint_name} is loaded as "
             "an SD1.5 checkpoint (AnimateDiff-Lightning is SD1.5 only). Pick an SD1.5 motion module "
             "(e.g. animatediff_lightning_4step_comfyui.safetensors)."
         )
@@ -114,39 +164,31 @@ def load_lightning(
             f"{motion_path.name} is an AnimateDiff v1 module, which needs cross-frame GroupNorm (not supported yet). "
             "Use mm_sd_v15_v2, v3_sd15_mm or an AnimateDiff-Lightning module."
         )
-    variant, notes = resolve_variant(variant_id, motion_path.name, info, motion_path.stat().st_size)
-    torch_device = resolve_device(device)
-    dtype = dtype or compute_dtype(torch_device)
-    motion = motion_weights(motion_state, info, dtype, torch_device)
-    del motion_state
-    parts = load_sd15_checkpoint(checkpoint_path, dtype, torch_device)
-    unet = _motion_unet(parts.unet, info, motion, checkpoint_path.name, motion_path.name)
-    return LightningModel(
-        checkpoint_name=checkpoint_path.name, motion_name=motion_path.name, unet=unet, vae=parts.vae, text_encoder=parts.text_encoder,
-        tokenizer=load_tokenizer(tokenizer_dir), scaling_factor=parts.scaling_factor, motion=info,
-        variant=variant, policy=policy,
-        model_sigmas=discrete_sigmas(variant.beta_schedule, variant.beta_start, variant.beta_end),
-        device=torch_device, dtype=dtype, motion_scale=MotionScale(unet), notes=notes,
-    )
+    return info
 
 
-def _motion_unet(unet2d, info: MotionModuleInfo, motion: dict[str, torch.Tensor], checkpoint_name: str,
-                 motion_name: str):
-    """diffusers UNetMotionModel adopting the loaded UNet's and motion module's tensors (no copies)."""
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-
-    widths = tuple(unet2d.config.block_out_channels)
-    if widths != info.channels or unet2d.config.layers_per_block != info.layers_per_block:
+def _check_widths(layout, info: MotionModuleInfo, checkpoint_name: str, motion_name: str) -> None:
+    widths = tuple(layout.unet_config["block_out_channels"])
+    layers = layout.unet_config["layers_per_block"]
+    if widths != info.channels or layers != info.layers_per_block:
         raise IncompatibleModelsError(
             f"{motion_name} was made for UNet widths {info.channels} with {info.layers_per_block} layers per block, "
-            f"but {checkpoint_name} has {widths} with {unet2d.config.layers_per_block}. Use a motion module made "
-            "for this base model family."
+            f"but {checkpoint_name} has {widths} with {layers}. Use a motion module made for this base model family."
         )
+
+
+def _motion_unet_component(layout, motion_path: Path, info: MotionModuleInfo, **placement) -> Component:
+    """diffusers UNetMotionModel whose weights are the checkpoint's UNet plus the motion module's."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
     with torch.device("meta"):
-        twin = UNet2DConditionModel.from_config(unet2d.config)
-        unet = UNetMotionModel.from_unet2d(twin, MotionAdapter(**adapter_config(info)), load_weights=False)
-    unet.load_state_dict({**unet2d.state_dict(), **motion}, strict=True, assign=True)
-    return unet.eval()
+        twin = UNet2DConditionModel(**layout.unet_config)
+        unet = UNetMotionModel.from_unet2d(twin, MotionAdapter(**adapter_config(info)), load_weights=False).eval()
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {**unet_weights(layout), **motion_weights(load_state_dict(motion_path), info)}
+
+    return Component(name="unet", module=unet, weights=weights, **placement)
 
 
 @dataclass(frozen=True)
@@ -188,7 +230,7 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
     low, high = MOTION_SCALE_RANGE
     if not low <= request.motion_scale <= high:
         raise InvalidSettingError(f"motion_scale={request.motion_scale}: use {low}-{high} (1.0 = as trained).")
-    texts = [request.prompt] + ([request.negative] if abs(checked.settings.cfg - 1.0) > 1e-9 else [])
+    texts = [request.prompt] + ([request.negative] if uses_negative(checked.settings.cfg) else [])
     skipped = [name for text in texts for name in embedding_names(text)]
     if skipped:
         note = (f"textual-inversion embeddings are not supported yet and were left out of the prompt: "
@@ -198,47 +240,53 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
     return checked
 
 
-def generate(model: LightningModel, request: GenerationRequest, progress: Optional[ProgressFn] = None) -> GenerationResult:
+def unet_working_bytes(frames: int, height: int, width: int, dtype: torch.dtype, guided: bool) -> int:
+    """Activation memory of one UNet pass, by ComfyUI's estimate for SD1.5 with PyTorch attention
+    (comfy/model_base.py BaseModel.memory_required: area * dtype size * 0.01 * 2.0 MiB, area = batch * h * w)."""
+    area = frames * (2 if guided else 1) * (height // 8) * (width // 8)
+    return int(area * torch.empty(0, dtype=dtype).element_size() * 0.01 * 2.0 * 2**20)
+
+
+def generate(model: LightningModel, request: GenerationRequest, progress: Optional[ProgressFn] = None,
+             memory: Optional[MemoryPolicy] = None) -> GenerationResult:
+    """Text to frames. `memory` puts components on the compute device before each stage (default:
+    the headless policy); `progress(done, total)` counts steps then decoded chunks and may raise to cancel."""
     checked = validate_request(model, request)
     settings = checked.settings
+    memory = memory or LocalMemory(model.handle)
     sigmas, _ = sigmas_for_steps(model.model_sigmas, settings.scheduler, settings.steps)
-    decode_chunks = -(-request.frames // 8)
+    decode_chunks = -(-request.frames // DECODE_CHUNK)
     total = settings.steps + decode_chunks
-    calls = [0]
-    denoiser = _make_denoiser(model, request, settings.cfg, calls)
+    memory.prepare([model.handle["text_encoder"]])
+    denoiser = _make_denoiser(model, request, settings, progress=(lambda done, _n: progress(done, total))
+                              if progress else None)
     noise = seeded_noise((1, 4, request.frames, request.height // 8, request.width // 8), request.seed)
-    x = initial_latent(noise, sigmas[0]).to(model.device)
-    model.motion_scale.value = request.motion_scale
-    try:
-        step_cb = (lambda i, n, _x, _d: progress(i, total)) if progress else None
-        # sigmas stay 0-dim CPU tensors: arithmetic with them never makes the GPU wait for the CPU
-        latents = sample_euler(denoiser, x, sigmas, callback=step_cb)
-    finally:
-        model.motion_scale.value = 1.0
+    x = initial_latent(noise, sigmas[0], denoiser.parameterization).to(model.device)
+    memory.prepare([model.handle["unet"]], unet_working_bytes(request.frames, request.height, request.width,
+                                                              model.dtype, denoiser.guided))
+    with motion_scale(model.unet, request.motion_scale):
+        latents = sample_euler(denoiser, x, sigmas)
     frames_latents = latents[0].permute(1, 0, 2, 3)  # [F, C, h, w]
-    decode_cb = (lambda done, _n: progress(settings.steps + -(-done // 8), total)) if progress else None
-    frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=8, progress=decode_cb)
-    return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=calls[0])
+    memory.prepare([model.handle["vae"]])
+    decode_cb = (lambda done, _n: progress(settings.steps + -(-done // DECODE_CHUNK), total)) if progress else None
+    frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=DECODE_CHUNK, progress=decode_cb)
+    return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=denoiser.calls)
 
 
-def _make_denoiser(model: LightningModel, request: GenerationRequest, cfg: float, calls: list[int]):
-    """Epsilon-prediction UNet as D(x, sigma) in k-diffusion form; CFG 1 skips the negative pass."""
+def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: V.SamplingSettings,
+                   progress: Optional[ProgressFn]) -> Denoiser:
+    """The motion UNet as an epsilon-prediction denoiser; frames ride in the batch, so each prompt's
+    context is repeated per frame (diffusers UNetMotionModel takes [batch * frames, tokens, dim])."""
     frames = request.frames
-    use_cfg = abs(cfg - 1.0) > 1e-9
-    texts = [request.negative, request.prompt] if use_cfg else [request.prompt]
-    encoded = match_lengths([encode_weighted(model.tokenizer, model.text_encoder, t, model.device) for t in texts])
-    context = torch.cat([c.repeat_interleave(frames, dim=0) for c in encoded])
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        calls[0] += 1
-        c_in = float((sigma**2 + 1) ** -0.5)
-        # float32: MPS and DirectML have no float64
-        t = sigma_to_timestep(sigma.reshape(1), model.model_sigmas).to(model.device, torch.float32, non_blocking=True)
-        batch = torch.cat([x, x]) if use_cfg else x
-        eps = model.unet((batch * c_in).to(model.dtype), t, encoder_hidden_states=context).sample.float()
-        if use_cfg:
-            uncond, cond_eps = eps.chunk(2)
-            eps = classifier_free_guidance(uncond, cond_eps, cfg)
-        return x - eps * sigma
+    def encode(text: str) -> torch.Tensor:
+        return encode_weighted(model.tokenizer, model.text_encoder, text, model.device).repeat_interleave(frames, 0)
 
-    return denoise
+    def forward(model_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return model.unet(model_input, timestep, encoder_hidden_states=context).sample
+
+    return Denoiser(
+        forward=forward, parameterization=epsilon_prediction(model.model_sigmas), positive=encode(request.prompt),
+        negative=lambda: encode(request.negative), cfg=settings.cfg, join=lambda cs: torch.cat(match_lengths(cs)),
+        model_dtype=model.dtype, progress=progress, expected_calls=settings.steps,
+    )

@@ -4,58 +4,51 @@ Key prefixes of the real files: `model.diffusion_model.` (UNet), `first_stage_mo
 `cond_stage_model.transformer.` (CLIP text model, HF names). The architecture config starts from
 the bundled v1-inference values and re-reads every size from the tensor shapes, so fine-tunes,
 pruned files and our tiny test models load through the same code. The key renaming itself is
-diffusers' (single_file_utils); nothing here reaches a hub.
+diffusers' (single_file_utils); nothing here reaches a hub. Networks are built on the meta device;
+`weights` functions read the file (memory-mapped) and return tensors under the networks' names.
 """
 from __future__ import annotations
 
 import copy
-import json
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from ..core.bundled import bundled_json
 from ..core.checkpoints import load_state_dict
 from ..core.errors import UnsupportedCheckpointError
+from ..core.families import FAMILY_NAMES, SD_CLIP_PREFIX, SD_UNET_PREFIX, detect_base_family
+from ..core.model_handle import Component
 
-log = logging.getLogger(__name__)
-
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-UNET_PREFIX = "model.diffusion_model."
+UNET_PREFIX = SD_UNET_PREFIX
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
+CLIP_PREFIX = SD_CLIP_PREFIX
 CLIP_HEAD_DIM = 64  # CLIP ViT-L/14 text heads are 64 wide (768 / 12)
 
 
 @dataclass(frozen=True)
-class SD15Components:
-    unet: Any  # diffusers UNet2DConditionModel
-    vae: Any  # diffusers AutoencoderKL
-    text_encoder: Any  # transformers CLIPTextModel
+class SD15Layout:
+    """What the file's tensors say about its architecture, read before any weight is loaded."""
+
+    path: Path
+    original_config: dict[str, Any]  # LDM config (v1-inference with sizes from the shapes)
+    unet_config: dict[str, Any]  # diffusers UNet2DConditionModel config
+    vae_config: dict[str, Any]  # diffusers AutoencoderKL config
+    text_config: dict[str, Any]  # transformers CLIPTextConfig values
     scaling_factor: float
 
 
-def detect_base_family(keys: set[str]) -> str:
-    """'sd15', 'sdxl', 'sd2' or 'unknown', from sentinel keys (diffusers infer_diffusers_model_type idea)."""
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith(CLIP_PREFIX) for k in keys) and any(k.startswith(UNET_PREFIX) for k in keys):
-        return "sd15"
-    return "unknown"
+def inspect_sd15_checkpoint(path: str | Path) -> SD15Layout:
+    """Check the file is a plain SD1.5 checkpoint and read its architecture from the tensor shapes."""
+    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
 
-
-def load_sd15_checkpoint(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-) -> SD15Components:
-    """Load an SD1.5 single-file checkpoint (safetensors, or a weights-only pickle) onto device/dtype."""
     path = Path(path)
-    state = load_state_dict(path)
-    family = detect_base_family(set(state))
+    state = load_state_dict(path)  # memory-mapped: only the shapes are read here
+    family = detect_base_family(state)
     if family != "sd15":
         raise UnsupportedCheckpointError(_family_message(path.name, family))
     original = infer_original_config(state)
@@ -65,11 +58,13 @@ def load_sd15_checkpoint(
             f"{path.name} is an SD1.5 {'inpainting' if channels == 9 else 'special-purpose'} model ({channels} input "
             "channels); text-to-animation needs a plain SD1.5 checkpoint (4 input channels)."
         )
-    unet = _build_unet(state, original, dtype, device)
-    vae = _build_vae(state, original, dtype, device)
-    text_encoder = _build_text_encoder(state, dtype).to(device)
-    scaling = float(original["model"]["params"]["scale_factor"])
-    return SD15Components(unet=unet, vae=vae, text_encoder=text_encoder, scaling_factor=scaling)
+    return SD15Layout(
+        path=path, original_config=original,
+        unet_config=create_unet_diffusers_config_from_ldm(original, state),
+        vae_config=create_vae_diffusers_config_from_ldm(original, state),
+        text_config=_text_config(state),
+        scaling_factor=float(original["model"]["params"]["scale_factor"]),
+    )
 
 
 def _family_message(name: str, family: str) -> str:
@@ -80,27 +75,26 @@ def _family_message(name: str, family: str) -> str:
             "(a diffusers folder, LoRA or VAE file cannot be used here)."
         )
     return (
-        f"{name} is an {family.upper()} checkpoint, but AnimateDiff-Lightning motion modules are SD1.5 only. "
+        f"{name} is a checkpoint for {FAMILY_NAMES[family]}, but AnimateDiff-Lightning motion modules are SD1.5 only. "
         "Pick an SD1.5 checkpoint (e.g. epiCRealism, ToonYou, DreamShaper 8)."
     )
 
 
-def infer_original_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def infer_original_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The LDM config of this checkpoint: bundled SD1.5 values with all sizes read from tensor shapes."""
-    base = json.loads((MODELS_DIR / "sd15" / "v1-inference.json").read_text())
-    config = copy.deepcopy(base)
+    config = copy.deepcopy(bundled_json("sd15", "v1-inference.json"))
     params = config["model"]["params"]
     params["unet_config"]["params"].update(_unet_shape_params(state))
     params["first_stage_config"]["params"]["ddconfig"].update(_vae_shape_params(state))
     return config
 
 
-def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
+def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
     regex = re.compile(pattern)
     return len({m.group(1) for k in state if (m := regex.match(k))})
 
 
-def _unet_shape_params(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _unet_shape_params(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     p = UNET_PREFIX
     conv_in = state[p + "input_blocks.0.0.weight"]
     model_channels = conv_in.shape[0]
@@ -129,7 +123,7 @@ def _unet_shape_params(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def _vae_shape_params(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _vae_shape_params(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     p = VAE_PREFIX
     ch = state[p + "encoder.conv_in.weight"].shape[0]
     levels = _count(state, re.escape(p) + r"encoder\.down\.(\d+)\.")
@@ -144,56 +138,12 @@ def _vae_shape_params(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def _load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str, ignore=(), assign=False) -> None:
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=assign)
-    missing = [k for k in missing if not any(i in k for i in ignore)]
-    unexpected = [k for k in unexpected if not any(i in k for i in ignore)]
-    if missing or unexpected:
-        raise UnsupportedCheckpointError(
-            f"The checkpoint's {what} does not match the SD1.5 architecture: {len(missing)} missing tensors "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it an SD1.5 "
-            "model in the original single-file layout?"
-        )
-
-
-def _materialize(model_class, config: dict[str, Any], weights: dict[str, torch.Tensor], what: str,
-                 dtype: torch.dtype, device: torch.device | str):
-    """Build on the meta device and adopt the file's tensors (no random init, no second copy)."""
-    with torch.device("meta"):
-        model = model_class(**config)
-    _load_into(model, {k: v.to(device, dtype) for k, v in weights.items()}, what, assign=True)
-    return model.eval()
-
-
-def _build_unet(state, original: dict[str, Any], dtype: torch.dtype, device: torch.device | str):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-
-    config = create_unet_diffusers_config_from_ldm(original, state)
-    weights = convert_ldm_unet_checkpoint(state, config)
-    return _materialize(UNet2DConditionModel, config, weights, "UNet", dtype, device)
-
-
-def _build_vae(state, original: dict[str, Any], dtype: torch.dtype, device: torch.device | str):
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
-
-    config = create_vae_diffusers_config_from_ldm(original, state)
-    weights = convert_ldm_vae_checkpoint(state, config)
-    return _materialize(AutoencoderKL, config, weights, "VAE", dtype, device)
-
-
-def _build_text_encoder(state: dict[str, torch.Tensor], dtype: torch.dtype):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    # files name the tensors `…transformer.text_model.*`, some older ones `…transformer.*` (ComfyUI accepts both)
-    weights = {k[len(CLIP_PREFIX):].removeprefix("text_model."): v for k, v in state.items()
-               if k.startswith(CLIP_PREFIX)}
-    base = json.loads((MODELS_DIR / "sd15" / "text_encoder_config.json").read_text())
-    token_embedding = weights["embeddings.token_embedding.weight"]
-    hidden = token_embedding.shape[1]
-    base.update(
-        vocab_size=token_embedding.shape[0],
+def _text_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    weights = _clip_tensors(state)
+    config = {k: v for k, v in bundled_json("sd15", "text_encoder_config.json").items() if not k.startswith("_")}
+    hidden = weights["embeddings.token_embedding.weight"].shape[1]
+    config.update(
+        vocab_size=weights["embeddings.token_embedding.weight"].shape[0],
         hidden_size=hidden,
         intermediate_size=weights["encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=_count(weights, r"encoder\.layers\.(\d+)\."),
@@ -201,10 +151,83 @@ def _build_text_encoder(state: dict[str, torch.Tensor], dtype: torch.dtype):
         max_position_embeddings=weights["embeddings.position_embedding.weight"].shape[0],
         projection_dim=hidden,
     )
-    base = {k: v for k, v in base.items() if not k.startswith("_")}
-    model = CLIPTextModel(CLIPTextConfig(**base))
-    if any(k.startswith("text_model.") for k in model.state_dict()):
-        # transformers < 5 keeps the `text_model.` level in CLIPTextModel's own names
-        weights = {"text_model." + k: v for k, v in weights.items()}
-    _load_into(model, weights, "text encoder", ignore=("position_ids",))
-    return torch.nn.Module.to(model, dtype).eval()
+    return config
+
+
+def _clip_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # files name the tensors `…transformer.text_model.*`, some older ones `…transformer.*` (ComfyUI accepts both)
+    return {k[len(CLIP_PREFIX):].removeprefix("text_model."): v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
+
+
+def unet_weights(layout: SD15Layout) -> dict[str, torch.Tensor]:
+    """The UNet's tensors under diffusers UNet2DConditionModel names (diffusers' LDM converter)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    return convert_ldm_unet_checkpoint(load_state_dict(layout.path), layout.unet_config)
+
+
+def vae_weights(layout: SD15Layout) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    return convert_ldm_vae_checkpoint(load_state_dict(layout.path), layout.vae_config)
+
+
+def text_encoder_weights(layout: SD15Layout, with_text_model_level: bool) -> dict[str, torch.Tensor]:
+    weights = _clip_tensors(load_state_dict(layout.path))
+    # transformers < 5 keeps the `text_model.` level in CLIPTextModel's own names
+    return {"text_model." + k: v for k, v in weights.items()} if with_text_model_level else weights
+
+
+def _on_meta(build):
+    with torch.device("meta"):
+        return build().eval()
+
+
+def vae_component(layout: SD15Layout, **placement) -> Component:
+    from diffusers import AutoencoderKL
+
+    module = _on_meta(lambda: AutoencoderKL(**layout.vae_config))
+    return Component(name="vae", module=module, weights=lambda: vae_weights(layout), **placement)
+
+
+def text_encoder_component(layout: SD15Layout, **placement) -> Component:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    module = _on_meta(lambda: CLIPTextModel(CLIPTextConfig(**layout.text_config)))
+    nested = any(k.startswith("text_model.") for k in module.state_dict())
+    return Component(name="text_encoder", module=module, weights=lambda: text_encoder_weights(layout, nested),
+                     finish=_clip_position_ids, ignore=("position_ids",), **placement)
+
+
+def _clip_position_ids(module: torch.nn.Module) -> None:
+    """CLIP keeps its position ids in a non-persistent buffer that no file holds: rebuild it."""
+    embeddings = module.get_submodule("text_model.embeddings" if hasattr(module, "text_model") else "embeddings")
+    device = embeddings.position_embedding.weight.device
+    length = embeddings.position_embedding.weight.shape[0]
+    embeddings.register_buffer("position_ids", torch.arange(length, device=device).expand((1, -1)), persistent=False)
+
+
+@dataclass(frozen=True)
+class SD15Components:
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    text_encoder: Any  # transformers CLIPTextModel
+    scaling_factor: float
+
+
+def load_sd15_checkpoint(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> SD15Components:
+    """The three networks of an SD1.5 single-file checkpoint, loaded onto device/dtype (no motion module)."""
+    from diffusers import UNet2DConditionModel
+
+    layout = inspect_sd15_checkpoint(path)
+    device = torch.device(device)
+    placement = dict(load_device=device, offload_device=device, dtype=dtype)
+    unet = Component(name="unet", module=_on_meta(lambda: UNet2DConditionModel(**layout.unet_config)),
+                     weights=lambda: unet_weights(layout), **placement)
+    parts = [unet, vae_component(layout, **placement), text_encoder_component(layout, **placement)]
+    for part in parts:
+        part.materialize()
+    return SD15Components(unet=unet.module, vae=parts[1].module, text_encoder=parts[2].module,
+                          scaling_factor=layout.scaling_factor)

@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.errors import UnsupportedCheckpointError
-from .sd15_checkpoint import MODELS_DIR
+from ..core.bundled import BUNDLED_MODELS_DIR
 
-BUNDLED_TOKENIZER = MODELS_DIR / "clip_tokenizer"
+BUNDLED_TOKENIZER = BUNDLED_MODELS_DIR / "clip_tokenizer"
 CONTEXT_LENGTH = 77
 
 

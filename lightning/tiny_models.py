@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
+from ..core.tiny_weights import randomize, write_safetensors  # noqa: F401  (re-exported for callers)
 from .sd15_checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 
@@ -123,20 +122,6 @@ def motion_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Small random weights everywhere (default inits leave some layers at zero, hiding wiring bugs)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("pe"):
-                continue
-            scale = 1.0 / max(1, param[0].numel() if param.ndim > 1 else 1) ** 0.5  # 1/sqrt(fan_in)
-            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale * (0.3 if param.ndim == 1 else 1))
-
-
 def tiny_sd15_state_dict(sizes: TinySizes = TinySizes(), seed: int = 0) -> dict[str, torch.Tensor]:
     """A complete SD1.5 single-file checkpoint (UNet + VAE + CLIP) in the LDM layout."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -157,7 +142,7 @@ def tiny_sd15_state_dict(sizes: TinySizes = TinySizes(), seed: int = 0) -> dict[
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=sizes.text_hidden,
     ))
     for i, module in enumerate((unet, vae, text)):
-        _randomize(module, seed + i)
+        randomize(module, seed + i)
     up_has_attn = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
     state = unet_to_ldm(unet.state_dict(), 2, up_has_attn)
     state.update(vae_to_ldm(vae.state_dict(), len(sizes.vae_channels)))
@@ -177,16 +162,8 @@ def tiny_motion_state_dict(
         motion_norm_num_groups=32, motion_max_seq_length=sizes.motion_max_seq_length,
         use_motion_mid_block=family == "sd15",
     )
-    _randomize(adapter, seed)
+    randomize(adapter, seed)
     state = adapter.state_dict()
     if layout == "original":
         state = motion_to_original(state)
     return {k: v.contiguous() for k, v in state.items()}
-
-
-def write_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype = torch.float16) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype) for k, v in state.items()}, str(path))
-    return path

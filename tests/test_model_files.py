@@ -194,8 +194,8 @@ def test_pe_buffers_are_carried_over_or_computed_identically():
     original = T.tiny_motion_state_dict(layout="original")
     info = MM.inspect_motion_module(original)
     without_pe = {k: v for k, v in original.items() if not k.endswith("pos_encoder.pe")}
-    a = MM.motion_weights(original, info, torch.float32)
-    b = MM.motion_weights(without_pe, info, torch.float32)
+    a = MM.motion_weights(original, info)
+    b = MM.motion_weights(without_pe, info)
     assert set(a) == set(b) == set(diffusers_state)
     for key in a:
         torch.testing.assert_close(a[key], b[key])

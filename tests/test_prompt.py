@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flipbook_pack.lightning import pipeline as P
-from flipbook_pack.lightning.prompt import encode_weighted, match_lengths, parse_weights, tokenize_weighted
+from flipbook_pack.core.prompt import encode_weighted, match_lengths, parse_weights, tokenize_weighted
 from flipbook_pack.lightning.text import load_tokenizer
 
 TOKENIZER = load_tokenizer()
@@ -89,7 +89,7 @@ def test_cfg_with_prompts_of_different_lengths(lightning_model):
 
 
 def test_embeddings_are_left_out_with_a_note(lightning_model):
-    from flipbook_pack.lightning.prompt import embedding_names
+    from flipbook_pack.core.prompt import embedding_names
 
     assert embedding_names("bad hands, embedding:EasyNegative, (embedding:badhandv4:1.2)") == [
         "EasyNegative", "badhandv4"]

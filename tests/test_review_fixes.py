@@ -103,7 +103,7 @@ def test_motion_files_hotshot_pe_and_diffusers_without_pe():
     state = {k: v for k, v in T.tiny_motion_state_dict(layout="diffusers").items() if not k.endswith(".pe")}
     info = MM.inspect_motion_module(state)
     assert (info.layout, info.version, info.max_frames) == ("diffusers", "v2", 32)
-    assert len(MM.motion_weights(state, info, torch.float32)) == 567
+    assert len(MM.motion_weights(state, info)) == 567
 
 
 def test_unknown_suffixes_and_headless_paths_outside_the_folders(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flipbook_pack.core import sampling, schedules
+from flipbook_pack.core import denoisers, sampling, schedules
 from flipbook_pack.core.errors import InvalidSettingError
 
 
@@ -83,10 +83,10 @@ def test_seeded_noise_is_cpu_and_deterministic():
 
 def test_initial_latent_uses_vp_scaling():
     noise = torch.ones(2)
-    out = sampling.initial_latent(noise, torch.tensor(3.0))
+    out = denoisers.initial_latent(noise, torch.tensor(3.0), denoisers.epsilon_prediction(torch.ones(2)))
     torch.testing.assert_close(out, torch.full((2,), float(np.sqrt(10.0))))
 
 
 def test_cfg():
     u, c = torch.zeros(2), torch.ones(2)
-    torch.testing.assert_close(sampling.classifier_free_guidance(u, c, 1.5), torch.full((2,), 1.5))
+    torch.testing.assert_close(denoisers.classifier_free_guidance(u, c, 1.5), torch.full((2,), 1.5))

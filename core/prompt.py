@@ -1,5 +1,6 @@
-"""ComfyUI's prompt syntax for SD1.5: `(word)` x1.1, `(text:1.3)`, `\\(` literal, and prompts longer
-than 77 tokens in 75-token chunks, so prompts copied from ComfyUI workflows mean the same here.
+"""ComfyUI's prompt syntax, shared by every text encoder: `(word)` x1.1, `(text:1.3)`, `\\(` literal;
+for CLIP (SD1.5) also prompts longer than 77 tokens in 75-token chunks, so prompts copied from
+ComfyUI workflows mean the same here.
 
 Semantics (ComfyUI comfy/sd1_clip.py, re-implemented): nested parentheses multiply the weight by
 1.1; `(text:w)` sets it to w; words are never split across chunks unless longer than half a chunk;

@@ -1,0 +1,157 @@
+"""The components of a loaded model and where their weights live.
+
+A `Component` is one network (a UNet with its motion module, a text encoder, a VAE, later a Wan
+transformer) with the device it computes on, the device it waits on, its dtype and its size in
+bytes, read from its tensors. Its weights come from a `weights` function that reads them from the
+user's files and returns them under the module's own names; the component adopts those tensors
+(no random init, no second copy) and can `release` them and read them again later. A
+`ModelHandle` groups the components of one model. Nothing here knows ComfyUI: `nodes/_comfy.py`
+hands the same components to ComfyUI's memory manager, and `LocalMemory` is the small policy
+used headless (load what the next step needs, offload what it does not).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional, Protocol
+
+import torch
+
+from .errors import UnsupportedCheckpointError
+
+log = logging.getLogger(__name__)
+
+WeightsFn = Callable[[], Mapping[str, torch.Tensor]]
+META = torch.device("meta")
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer (each storage once), whatever device they are on."""
+    seen, total = set(), 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        key = (tensor.device, tensor.data_ptr()) if tensor.device != META else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def adopt_tensors(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], *, device: torch.device,
+                  dtype: Optional[torch.dtype], what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Make `module` use these tensors, each moved to device/dtype as it is adopted (dtype None keeps the
+    storage dtype). Every name must match: all mismatches are reported at once."""
+    expected = dict(module.state_dict(keep_vars=True))
+    missing = sorted(k for k in expected if k not in weights and not any(i in k for i in ignore))
+    unexpected = sorted(k for k in weights if k not in expected and not any(i in k for i in ignore))
+    if missing or unexpected:
+        raise UnsupportedCheckpointError(
+            f"The {what} does not match its architecture: {len(missing)} missing tensors (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it the right model in a known file layout?"
+        )
+    for name, tensor in weights.items():
+        if name not in expected:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and dtype else tensor.dtype)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    first = next(iter((*module.parameters(), *module.buffers())), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@dataclass(eq=False)
+class Component:
+    """One network of a loaded model. `module` is built on the meta device; `materialize` adopts its weights."""
+
+    name: str  # "unet", "text_encoder", "vae", ...
+    module: torch.nn.Module
+    weights: WeightsFn
+    load_device: torch.device  # where it computes
+    offload_device: torch.device  # where it waits between uses
+    dtype: Optional[torch.dtype]  # compute/storage dtype of its floating tensors (None: the file's)
+    finish: Optional[Callable[[torch.nn.Module], None]] = None  # rebuilds state no file holds (e.g. ids)
+    ignore: tuple[str, ...] = ()  # names that may be absent from the files (recomputed by `finish`)
+    size_bytes: int = 0  # from the tensors, kept while released
+
+    @property
+    def resident(self) -> bool:
+        """Whether the weights are in memory (False after `release`, until the next `load`)."""
+        return _device_of(self.module) != META
+
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.module)
+
+    def materialize(self, device: Optional[torch.device] = None) -> None:
+        """Read the weights from the files onto `device` (default: the offload device)."""
+        device = device or self.offload_device
+        adopt_tensors(self.module, self.weights(), device=device, dtype=self.dtype, what=self.name,
+                      ignore=self.ignore)
+        if self.finish is not None:
+            self.finish(self.module)
+        stray = [n for n, t in (*self.module.named_parameters(), *self.module.named_buffers()) if t.device == META]
+        if stray:
+            raise UnsupportedCheckpointError(f"The {self.name} files leave {len(stray)} tensors unset: {stray[:3]}.")
+        self.size_bytes = tensor_bytes(self.module)
+
+    def load(self) -> None:
+        """Weights on the compute device (read again from the files if they were released)."""
+        if not self.resident:
+            log.info("reading %s weights again (%.0f MB)", self.name, self.size_bytes / 2**20)
+            self.materialize(self.load_device)
+        elif self.device != self.load_device:
+            self.module.to(self.load_device)
+
+    def offload(self) -> None:
+        if self.resident and self.device != self.offload_device:
+            self.module.to(self.offload_device)
+
+    def release(self) -> None:
+        """Drop the weights from memory; the next `load` reads them from the files again."""
+        if self.resident:
+            self.module.to(META)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelHandle:
+    """The components of one loaded model, by name, in the order they are used."""
+
+    components: Mapping[str, Component]
+
+    def __getitem__(self, name: str) -> Component:
+        return self.components[name]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(c.size_bytes for c in self.components.values())
+
+    def release(self) -> None:
+        for component in self.components.values():
+            component.release()
+
+
+class MemoryPolicy(Protocol):
+    """Puts the named components on their compute device before a step that uses them."""
+
+    def prepare(self, components: Iterable[Component], working_bytes: int = 0) -> None: ...
+
+
+class LocalMemory:
+    """Headless policy: load what the next step needs, offload the others that share its device."""
+
+    def __init__(self, handle: ModelHandle) -> None:
+        self.handle = handle
+
+    def prepare(self, components: Iterable[Component], working_bytes: int = 0) -> None:
+        wanted = list(components)
+        for other in self.handle.components.values():
+            if other not in wanted and other.load_device != other.offload_device:
+                other.offload()
+        for component in wanted:
+            component.load()
