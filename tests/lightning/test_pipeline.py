@@ -1,4 +1,5 @@
-"""End-to-end sampling on tiny models: variant enforcement, CFG skipping, limits, parity with diffusers."""
+"""lightning/pipeline.py: end-to-end sampling on tiny models: variant enforcement, CFG skipping, limits,
+parity with diffusers."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from flipbook_pack.core.errors import InvalidSettingError, SettingsMismatchError
+from flipbook_pack.core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError
+from flipbook_pack.lightning import motion_module as MM
 from flipbook_pack.lightning import pipeline as P
+from flipbook_pack.lightning import tiny_models as T
+from flipbook_pack.lightning.pipeline import load_lightning
 
 SMALL = dict(prompt="a fox running in snow", frames=8, width=64, height=64)
 
@@ -113,3 +117,28 @@ def test_the_prompt_changes_the_video(lightning_model):
     fox = P.generate(lightning_model, _request(prompt="a fox running in snow", seed=4)).frames
     city = P.generate(lightning_model, _request(prompt="a neon city street at night", seed=4)).frames
     assert float((fox - city).abs().mean()) > 1e-3
+
+
+def test_sdxl_motion_module_with_sd15_checkpoint_is_refused(tiny_models):
+    _, files = tiny_models
+    with pytest.raises(IncompatibleModelsError, match=r"SDXL motion module.*SD1.5"):
+        load_lightning(files["ckpt"], files["sdxl"], device="cpu")
+
+
+def test_renamed_lightning_file_needs_an_explicit_variant():
+    info = MM.inspect_motion_module(T.tiny_motion_state_dict())
+    with pytest.raises(SettingsMismatchError, match="size of an AnimateDiff-Lightning file"):
+        P.resolve_variant("auto", "my_motion.safetensors", info, file_size=908_929_664)
+    variant, notes = P.resolve_variant("lightning_8step", "animatediff_lightning_4step_comfyui.safetensors", info)
+    assert variant.id == "lightning_8step" and "named as AnimateDiff-Lightning 4-step" in notes[0]
+    assert P.resolve_variant("auto", "mm_sd_v15_v2.safetensors", info, file_size=1234)[0].id == "animatediff_v2"
+
+
+def test_timesteps_reach_the_unet_as_float32(lightning_model):
+    seen = []
+    handle = lightning_model.unet.register_forward_pre_hook(lambda m, args: seen.append(args[1].dtype))
+    try:
+        P.generate(lightning_model, P.GenerationRequest(prompt="a", frames=2, width=64, height=64))
+    finally:
+        handle.remove()
+    assert seen == [torch.float32] * 4

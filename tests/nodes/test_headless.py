@@ -1,5 +1,5 @@
-"""Headless runs behave like ComfyUI's queue: frontend-only nodes, reroutes, primitives, validation first,
-only nodes that feed an output; the CLI reports problems in one line."""
+"""nodes/headless.py and the CLI: headless runs behave like ComfyUI's queue: frontend-only nodes, reroutes,
+primitives, validation first, only nodes that feed an output; the CLI reports problems in one line."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,7 @@ from flipbook_pack.core.errors import ModelFileNotFoundError, WorkflowError
 from flipbook_pack.nodes import _comfy
 from flipbook_pack.nodes.headless import validate_prompt, workflow_to_prompt
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 WORKFLOW = json.loads((ROOT / "workflows" / "lightning_4step_t2v.json").read_text())
 
 

@@ -1,20 +1,24 @@
-"""Every output format: the frontend's own reading rules recover exactly what went in; failures leave nothing."""
+"""core/media/save.py and writers: every output format; the frontend's own reading rules recover exactly what went in;
+failures leave nothing."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from flipbook_pack.core.media import files as video_files
 from flipbook_pack.core.media import save
 from flipbook_pack.core.errors import InvalidSettingError, VideoWriteError
-from flipbook_pack.core.media.readers import read_mp4_metadata, read_webp_metadata, read_workflow
+from flipbook_pack.core.media.readers import read_webp_metadata, read_workflow
 from flipbook_pack.core.media.metadata import build_metadata, encode_value
 from flipbook_pack.core.media.save import AudioTrack, VideoSettings, save_video
+from flipbook_pack.core.media.writers import gif_durations
 
 WAN_NEGATIVE = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止"
 WORKFLOW = {"nodes": [{"id": 1, "widgets_values": [WAN_NEGATIVE, "open { only", 'say "hi" }}', float("nan"), 1.5,
@@ -29,22 +33,6 @@ def _frames(n=4, h=16, w=16, seed=0):
 
 def _expected(value):
     return json.loads(encode_value(value))
-
-
-def test_encoding_is_ascii_single_json_null_for_nonfinite_and_no_raw_braces_in_strings():
-    text = encode_value(WORKFLOW)
-    assert text.isascii() and "NaN" not in text
-    decoded = json.loads(text)
-    assert decoded["nodes"][0]["widgets_values"][:5] == [WAN_NEGATIVE, "open { only", 'say "hi" }}', None, 1.5]
-    body = text.replace("\\u007b", "").replace("\\u007d", "")
-    assert body.count("{") == body.count("}")
-
-
-def test_metadata_keys_and_disable_flag():
-    meta = build_metadata(PROMPT, {"workflow": WORKFLOW, "extra": [1]})
-    assert set(meta) == {"workflow", "extra", "prompt"}
-    assert build_metadata(PROMPT, None) == {"prompt": encode_value(PROMPT)}
-    assert build_metadata(PROMPT, {"workflow": WORKFLOW}, disabled=True) == {}
 
 
 @pytest.mark.parametrize("fmt", RESTORING)
@@ -241,11 +229,6 @@ def test_bad_settings_write_nothing(tmp_path, fmt, change, match):
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
-def test_mp4_reader_follows_the_64mib_window_rule(tmp_path):
-    saved = save_video(_frames(), tmp_path, "clip", "mp4", VideoSettings(), build_metadata(PROMPT, None))
-    assert read_mp4_metadata(saved.path)["prompt"] == _expected(PROMPT)
-
-
 _text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=True, allow_infinity=True) | _text,
@@ -261,3 +244,82 @@ def test_random_workflows_round_trip_through_every_format(tmp_path, workflow, pr
         saved = save_video(frames, tmp_path, f"h/{fmt}", fmt, VideoSettings(), meta)
         found = read_workflow(saved.sidecar or saved.path)
         assert found == {"workflow": _expected(workflow), "prompt": _expected(prompt)}, fmt
+
+
+def test_outputs_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        saved = save_video(torch.rand(2, 8, 8, 3), tmp_path, "p", "gif", VideoSettings(),
+                           build_metadata({"1": {}}, None))
+    finally:
+        os.umask(old)
+    for path in (saved.path, saved.sidecar):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_sidecar_never_overwrites_and_prefixes_may_contain_glob_characters(tmp_path):
+    (tmp_path / "c[1]_00001_.png").write_bytes(b"mine")
+    saved = save_video(torch.rand(1, 8, 8, 3), tmp_path, "c[1]", "gif", VideoSettings(), build_metadata({"1": {}}, None))
+    assert saved.path.name == "c[1]_00002_.gif" and (tmp_path / "c[1]_00001_.png").read_bytes() == b"mine"
+    (tmp_path / "c[1]_00003_.png").write_bytes(b"also mine")
+    first = save_video(torch.rand(1, 8, 8, 3), tmp_path, "c[1]", "mp4", VideoSettings(), {})
+    assert first.path.name == "c[1]_00004_.mp4"
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "gif"])
+def test_ten_bit_setting_is_ignored_by_image_formats(tmp_path, fmt):
+    saved = save_video(torch.rand(2, 8, 8, 3), tmp_path, "x", fmt, VideoSettings(pix_fmt="yuv420p10le"), {})
+    assert saved.path.stat().st_size > 0
+
+
+def test_sidecar_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(video_files.os, "link", no_links)
+    saved = save_video(torch.rand(2, 8, 8, 3), tmp_path, "g", "gif", VideoSettings(), build_metadata({"1": {}}, None))
+    assert saved.path.exists() and read_workflow(saved.sidecar) == {"prompt": {"1": {}}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g_00001_.gif", "g_00001_.png"]
+
+
+def test_surround_audio_is_downmixed_and_interleaved_and_high_rates_resampled(tmp_path):
+    import av
+
+    rate, seconds = 192000, 4
+    centre = np.zeros((6, rate * seconds), np.float32)
+    centre[2] = 0.5 * np.sin(np.linspace(0, 880 * np.pi * seconds, rate * seconds))  # 5.1: dialogue in centre
+    saved = save_video(torch.rand(8 * seconds, 16, 16, 3), tmp_path, "a", "mp4", VideoSettings(fps=8), {},
+                       audio=AudioTrack(centre, rate))
+    with av.open(str(saved.path)) as container:
+        audio = container.streams.audio[0]
+        assert audio.rate == 48000 and audio.channels == 2
+        peak = max(float(np.abs(f.to_ndarray()).max()) for f in container.decode(audio))
+        assert peak > 0.1  # the centre channel is heard
+    with av.open(str(saved.path)) as container:
+        order = [(p.stream.type, float(p.pts * p.time_base)) for p in container.demux() if p.pts is not None]
+    first_audio = next(i for i, (kind, _) in enumerate(order) if kind == "audio")
+    assert order[first_audio - 1][1] < 1.0  # audio starts near the start, not after all video
+
+
+def test_gif_frame_times_keep_the_clip_length():
+    eight = gif_durations(8, 8.0)
+    assert sum(eight) == 1000 and set(eight) == {120, 130}  # 8 fps = 1 s per 8 frames, not 960 ms
+    assert sum(gif_durations(24, 23.976)) == pytest.approx(1001, abs=10)
+    assert set(gif_durations(4, 240.0)) == {20}  # GIF's floor: under 20 ms players fall back to 100 ms
+
+
+def test_loop_counts_plays_in_every_format(tmp_path):
+    from PIL import Image
+
+    once = save_video(torch.rand(3, 8, 8, 3), tmp_path, "once", "gif", VideoSettings(loop=1), {})
+    with Image.open(once.path) as gif:
+        assert "loop" not in gif.info  # no NETSCAPE block: plays once
+    apng = save_video(torch.rand(3, 8, 8, 3), tmp_path, "ap", "png", VideoSettings(loop=2), {})
+    with Image.open(apng.path) as png:
+        assert png.info["loop"] == 2
+
+
+def test_browser_unfriendly_mp4_settings_are_noted(tmp_path):
+    notes = save_video(torch.rand(2, 8, 8, 3), tmp_path, "n", "mp4", VideoSettings(pix_fmt="yuv444p"), {}).notes
+    assert "browsers cannot play" in notes[0]
+    assert save_video(torch.rand(2, 8, 8, 3), tmp_path, "n", "mp4", VideoSettings(), {}).notes == ()

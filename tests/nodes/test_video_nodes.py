@@ -1,7 +1,9 @@
-"""Load Video, native VIDEO interop, and `flipbook demo --format` for every format."""
+"""nodes/video_nodes.py: Save/Load Video nodes, their validation and re-run checks, native VIDEO interop,
+and `flipbook demo --format` for every format."""
 from __future__ import annotations
 
 import json
+import os
 import types
 from fractions import Fraction
 from pathlib import Path
@@ -17,7 +19,7 @@ from flipbook_pack.core.media.load_video import load_video
 from flipbook_pack.nodes import _comfy
 from flipbook_pack.nodes.video_nodes import SAVE_VIDEO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def _gradient(frames=6, h=24, w=40):
@@ -134,3 +136,25 @@ def test_save_settings_are_validated_when_queued():
     assert node.VALIDATE_INPUTS(format="mp4", crf=None, pix_fmt="yuv420p") is True  # linked: checked at run
     spec = inspect.getfullargspec(node.VALIDATE_INPUTS)
     assert spec.varkw is None and {"format", "crf", "pix_fmt"} <= set(spec.args)  # keeps ComfyUI's min/max checks
+
+
+def test_validator_repeats_comfyuis_own_list_and_range_checks():
+    check = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"].VALIDATE_INPUTS
+    assert "crf" in check(format="gif", crf=99, pix_fmt="yuv420p")
+    assert "pix_fmt" in check(format="gif", crf=10, pix_fmt="bogus")
+    assert "format" in check(format="avi", crf=10, pix_fmt="yuv420p")
+
+
+def test_load_video_reruns_when_the_file_changes(tmp_path):
+    from flipbook_pack.nodes import _comfy
+
+    node = NODE_CLASS_MAPPINGS["FlipbookLoadVideo"]
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=tmp_path, output_dir=tmp_path, input_dir=tmp_path))
+    try:
+        saved = save_video(torch.rand(2, 8, 8, 3), tmp_path, "in", "mp4", VideoSettings(), {})
+        first = node.IS_CHANGED(video=saved.path.name)
+        os.utime(saved.path, (first + 10, first + 10))
+        assert node.IS_CHANGED(video=saved.path.name) != first
+        assert node.IS_CHANGED(video="missing.mp4") != node.IS_CHANGED(video="missing.mp4")  # NaN: always re-run
+    finally:
+        _comfy.use_headless(None)

@@ -1,4 +1,5 @@
-"""Node schemas, the bundled workflow, headless runs, the CLI demo, and the nodes inside a fake ComfyUI."""
+"""nodes/ (lightning nodes, _comfy): node schemas, UI notes, the bundled workflow, headless runs, the CLI demo,
+and the nodes inside a fake ComfyUI."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ from flipbook_pack.core.media.metadata import encode_value
 from flipbook_pack.nodes import _comfy
 from flipbook_pack.nodes.headless import _has_control_widget, _is_widget, apply_overrides, workflow_to_prompt
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 WORKFLOW = json.loads((ROOT / "workflows" / "lightning_4step_t2v.json").read_text())
 
 
@@ -279,3 +280,18 @@ def test_loader_asks_comfyui_to_free_gpu_memory_first(fake_comfy):
     state["device"] = torch.device("cuda")
     _comfy.make_room(123)
     assert state["freed"] == [123] and _comfy.torch_device() == "cuda"
+
+
+def test_fill_notes_reach_the_node_ui(tiny_models, tmp_path):
+    from flipbook_pack.nodes.lightning_nodes import LOADER, SAMPLER
+
+    root, _ = tiny_models
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=root, output_dir=tmp_path))
+    try:
+        (model,) = LOADER.run(ckpt_name="tiny_sd15.safetensors", variant="auto", policy="fill",
+                              motion_model="animatediff_lightning_4step_comfyui.safetensors").outputs
+        result = SAMPLER.run(model=model, prompt="a", negative="", seed=0, frames=2, width=64, height=64, steps=9,
+                             cfg=1.0, scheduler="trailing", motion_scale=1.0)
+    finally:
+        _comfy.use_headless(None)
+    assert result.ui["flipbook_notes"] == ["steps 9 -> 4 (policy 'fill', AnimateDiff-Lightning 4-step)"]

@@ -1,3 +1,4 @@
+"""lightning/variants.py: the variant table, file-name detection, and strict/fill settings checks."""
 from __future__ import annotations
 
 import dataclasses
@@ -83,3 +84,10 @@ def test_unknown_policy_and_variant():
         V.check_settings(V.VARIANTS["lightning_4step"], S(4, 1.0, "trailing"), policy="lenient")
     with pytest.raises(InvalidSettingError, match="lightning_4step"):
         V.get_variant("lightning_3step")
+
+
+def test_steps_message_names_modules_that_exist():
+    with pytest.raises(SettingsMismatchError, match="pick the Lightning module for 1, 2, 4 or 8 steps"):
+        V.check_settings(V.VARIANTS["lightning_4step"], V.SamplingSettings(6, 1.0, "trailing"))
+    with pytest.raises(SettingsMismatchError, match="pick the AnimateDiff-Lightning 8-step motion module"):
+        V.check_settings(V.VARIANTS["lightning_4step"], V.SamplingSettings(8, 1.0, "trailing"))

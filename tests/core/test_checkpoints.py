@@ -1,0 +1,68 @@
+"""core/checkpoints.py: safetensors header checks, truncated files, code-free pickles, missing files,
+unknown suffixes."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from flipbook_pack.core import checkpoints
+from flipbook_pack.core.errors import (CorruptFileError, ModelFileNotFoundError, UnsafeFileError,
+                                       UnsupportedCheckpointError, VideoWriteError)
+from flipbook_pack.core.media.readers import read_workflow
+from flipbook_pack.core.media.save import VideoSettings, save_video
+from flipbook_pack.nodes import _comfy
+
+
+def test_truncated_safetensors(tiny_models, tmp_path):
+    data = tiny_models[1]["original"].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFileError, match="cut short"):
+        checkpoints.load_state_dict(cut)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CorruptFileError, match="not valid JSON"):
+        checkpoints.load_state_dict(garbage)
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    with pytest.raises(CorruptFileError):
+        checkpoints.load_state_dict(tmp_path / "tiny.safetensors")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('pwned')",))
+
+
+def test_pickles_with_code_are_refused_and_plain_tensor_pickles_load(tmp_path):
+    evil = tmp_path / "mm_evil.ckpt"
+    evil.write_bytes(pickle.dumps({"x": _Evil()}))
+    with pytest.raises(UnsafeFileError, match="never runs code"):
+        checkpoints.load_state_dict(evil)
+    plain = tmp_path / "mm_plain.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(2)}}, plain)
+    assert torch.equal(checkpoints.load_state_dict(plain)["a"], torch.ones(2))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileNotFoundError, match="not found"):
+        checkpoints.load_state_dict(tmp_path / "nope.safetensors")
+
+
+def test_unknown_suffixes_and_headless_paths_outside_the_folders(tmp_path):
+    (tmp_path / "model.pkl").write_bytes(b"\x80\x04N.")
+    with pytest.raises(UnsupportedCheckpointError, match=r"not \.pkl"):
+        checkpoints.load_state_dict(tmp_path / "model.pkl")
+    (tmp_path / "secret.safetensors").write_bytes(b"x")
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=tmp_path / "models", output_dir=tmp_path))
+    try:
+        with pytest.raises(ModelFileNotFoundError, match="outside"):
+            _comfy.model_path("checkpoints", "../../secret.safetensors")
+        with pytest.raises(ModelFileNotFoundError, match="outside"):
+            _comfy.input_path("../secret.safetensors")
+    finally:
+        _comfy.use_headless(None)
+    with pytest.raises(VideoWriteError):
+        save_video(torch.rand(1, 8, 8, 3), tmp_path, "../up", "mp4", VideoSettings(), {})
+    assert read_workflow(tmp_path / "nothing.gif") == {}
