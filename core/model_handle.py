@@ -142,16 +142,31 @@ class MemoryPolicy(Protocol):
     def prepare(self, components: Iterable[Component], working_bytes: int = 0) -> None: ...
 
 
-class LocalMemory:
-    """Headless policy: load what the next step needs, offload the others that share its device."""
+def free_device_bytes(device: torch.device) -> int:
+    """Bytes a new tensor can still take on `device` (CUDA: free plus PyTorch's cached blocks)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return 1 << 62  # the CPU: the operating system decides
 
-    def __init__(self, handle: ModelHandle) -> None:
+
+class LocalMemory:
+    """Headless policy: load what the next step needs; offload others on that device only while short of room."""
+
+    def __init__(self, handle: ModelHandle, free_bytes: Callable[[torch.device], int] = free_device_bytes) -> None:
         self.handle = handle
+        self.free_bytes = free_bytes
 
     def prepare(self, components: Iterable[Component], working_bytes: int = 0) -> None:
         wanted = list(components)
-        for other in self.handle.components.values():
-            if other not in wanted and other.load_device != other.offload_device:
-                other.offload()
+        for device in {c.load_device for c in wanted}:
+            needed = working_bytes + sum(c.size_bytes for c in wanted
+                                         if c.load_device == device and not (c.resident and c.device == device))
+            for other in self.handle.components.values():
+                if needed <= self.free_bytes(device):
+                    break
+                if other not in wanted and other.resident and other.device == device != other.offload_device:
+                    log.info("offloading %s to make room on %s", other.name, device)
+                    other.offload()
         for component in wanted:
             component.load()

@@ -25,12 +25,12 @@ def decode_latents(
     decoded again in fp32 instead of returning black frames. The finiteness of all chunks is read
     back in one transfer at the end, so the GPU never waits on the CPU between chunks.
     """
-    dtype = next(vae.parameters()).dtype
+    dtype, device = next(vae.parameters()).dtype, next(vae.parameters()).device
     total = latents.shape[0]
     parts = [latents[s:s + chunk] / scaling_factor for s in range(0, total, chunk)]
     images = []
     for index, part in enumerate(parts):
-        images.append(vae.decode(part.to(dtype)).sample)
+        images.append(vae.decode(part.to(device, dtype)).sample)
         if progress is not None:
             progress(min((index + 1) * chunk, total), total)
     if dtype != torch.float32:

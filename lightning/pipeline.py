@@ -102,7 +102,7 @@ def resolve_variant(variant_id: str, motion_file: str, info: MotionModuleInfo,
     return variant, notes
 
 
-Placement = tuple[torch.device, torch.device]  # (compute device, offload device) of one component
+Placement = tuple[torch.device, torch.device, torch.dtype]  # (compute device, offload device, dtype) of a component
 
 
 def load_lightning(
@@ -121,7 +121,7 @@ def load_lightning(
     Weights are read (memory-mapped) onto each component's offload device; the memory policy moves
     them to the compute device when a step needs them. `placements` maps component names to
     (compute, offload) devices, as ComfyUI decides them; by default all compute on `device` and wait
-    on the CPU.
+    on the CPU, in `dtype`.
     """
     if policy not in V.POLICIES:
         raise InvalidSettingError(f"Unknown policy {policy!r}; choose one of {V.POLICIES}.")
@@ -134,8 +134,8 @@ def load_lightning(
     _check_widths(layout, info, checkpoint_path.name, motion_path.name)
 
     def place(name: str) -> dict:
-        load, offload = (placements or {}).get(name, (torch_device, torch.device("cpu")))
-        return dict(load_device=torch.device(load), offload_device=torch.device(offload), dtype=dtype)
+        load, offload, its_dtype = (placements or {}).get(name, (torch_device, torch.device("cpu"), dtype))
+        return dict(load_device=torch.device(load), offload_device=torch.device(offload), dtype=its_dtype)
 
     components = (text_encoder_component(layout, **place("text_encoder")),
                   _motion_unet_component(layout, motion_path, info, **place("unet")),
@@ -279,8 +279,11 @@ def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: 
     context is repeated per frame (diffusers UNetMotionModel takes [batch * frames, tokens, dim])."""
     frames = request.frames
 
+    text_device = model.handle["text_encoder"].load_device
+
     def encode(text: str) -> torch.Tensor:
-        return encode_weighted(model.tokenizer, model.text_encoder, text, model.device).repeat_interleave(frames, 0)
+        context = encode_weighted(model.tokenizer, model.text_encoder, text, text_device)
+        return context.to(model.device, model.dtype).repeat_interleave(frames, 0)
 
     def forward(model_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return model.unet(model_input, timestep, encoder_hidden_states=context).sample

@@ -20,9 +20,9 @@ from .sd15_checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 class TinySizes:
     """Widths and depths of the generated models; the block structure is always SD1.5's."""
 
-    unet_channels: tuple[int, ...] = (32, 64, 64, 64)
-    vae_channels: tuple[int, ...] = (32, 32, 64, 64)
-    vae_layers: int = 1
+    unet_channels: tuple[int, ...] = (32, 64, 128, 128)  # widths change where SD1.5 changes them (skip convs)
+    vae_channels: tuple[int, ...] = (32, 64, 128, 128)
+    vae_layers: int = 2  # as SD1.5 (num_res_blocks 2): every key a real file has
     text_hidden: int = 32
     text_layers: int = 2
     motion_max_seq_length: int = 32

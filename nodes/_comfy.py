@@ -1,4 +1,5 @@
-"""The one place that touches ComfyUI (folder_paths, comfy.utils, comfy.model_management, cli args).
+"""The one place that touches ComfyUI (folder_paths, comfy.utils, comfy.model_management, comfy.model_patcher,
+cli args).
 
 Every function works without ComfyUI too, against a `HeadlessHost` (models and output folders in
 ComfyUI's layout) that the `flipbook` CLI and the tests configure, so the same node classes run
@@ -8,9 +9,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+import torch
 
 from ..core.errors import ModelFileNotFoundError
 
@@ -142,20 +147,6 @@ def v3_api():
     return _module("comfy_api.latest")
 
 
-def make_room(bytes_needed: int) -> None:
-    """Inside ComfyUI: have its model manager unload other models until this much device memory is free.
-
-    Flipbook's models live outside ComfyUI's model management, so without this a previous workflow's
-    checkpoint could stay in VRAM next to ours.
-    """
-    management = None if _headless is not None else _module("comfy.model_management")
-    if management is None:
-        return
-    device = management.get_torch_device()
-    if getattr(device, "type", "cpu") != "cpu":
-        management.free_memory(bytes_needed, device)
-
-
 def torch_device() -> Optional[str]:
     """The device ComfyUI computes on (honours --cpu, --directml, --cuda-device); None when headless."""
     management = None if _headless is not None else _module("comfy.model_management")
@@ -213,11 +204,138 @@ def compute_dtype():
     management = None if _headless is not None else _module("comfy.model_management")
     if management is None:
         return None
-    import torch
-
     device = management.get_torch_device()
     if management.should_use_fp16(device):
         return torch.float16
     if management.should_use_bf16(device):
         return torch.bfloat16
     return torch.float32
+
+
+def _management():
+    return None if _headless is not None else _module("comfy.model_management")
+
+
+def component_placements() -> Optional[dict]:
+    """Inside ComfyUI: (compute device, offload device, dtype) per component, as ComfyUI places its own
+    UNet, text encoder and VAE (so --lowvram, --highvram, --gpu-only, --cpu, --cpu-vae and the precision
+    flags mean the same for Flipbook's models). None headless."""
+    management = _management()
+    if management is None:
+        return None
+    unet_device = management.get_torch_device()
+    text_device, vae_device = management.text_encoder_device(), management.vae_device()
+    # ComfyUI stores text encoders in fp16 even on the CPU but computes them in fp32 (comfy/sd1_clip.py,
+    # manual_cast ops); transformers computes in the storage dtype, so on the CPU the encoder is fp32
+    text_dtype = management.text_encoder_dtype(text_device)
+    if text_device.type == "cpu" or text_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        text_dtype = torch.float32 if text_device.type == "cpu" else compute_dtype()
+    # ComfyUI runs the SD1.x VAE in bf16 or fp32 (supported_models.py SD15 VAE working dtypes): fp16 overflows
+    vae_dtype = management.vae_dtype(vae_device, [torch.bfloat16, torch.float32])
+    return {
+        "unet": (unet_device, management.unet_offload_device(), compute_dtype()),
+        "text_encoder": (text_device, management.text_encoder_offload_device(), text_dtype),
+        "vae": (vae_device, management.vae_offload_device(), vae_dtype),
+    }
+
+
+def memory_for(handle):
+    """Inside ComfyUI: a memory policy that hands the handle's components to ComfyUI's model manager
+    (one ModelPatcher each, kept as long as the handle lives); None headless (the pipeline's local policy)."""
+    management, patcher_module = _management(), None if _headless is not None else _module("comfy.model_patcher")
+    if management is None or patcher_module is None:
+        return None
+    memory = _MANAGED.get(handle)
+    if memory is None:
+        memory = _MANAGED[handle] = ComfyMemory(handle, management=management, patcher_module=patcher_module,
+                                                ops=_module("comfy.ops"))
+    return memory
+
+
+_MANAGED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _Managed(torch.nn.Module):
+    """What a ModelPatcher manages: one component's network. ModelPatcher keeps its bookkeeping in
+    attributes of its model (`device`, `model_loaded_weight_memory`, ...), which diffusers and
+    transformers models partly define as read-only properties, hence the wrapper."""
+
+    def __init__(self, component) -> None:
+        super().__init__()
+        self.network = component.module
+        self.flipbook_dtype = component.dtype
+
+    def get_dtype(self):  # ModelPatcher.model_dtype() asks for it
+        return self.flipbook_dtype
+
+
+class ComfyMemory:
+    """Flipbook components as ComfyUI models: loading one can evict any other model (ours or not),
+    ComfyUI's "Unload models" and POST /free unload ours, and --lowvram streams what does not fit.
+
+    - leaf layers become ComfyUI's cast-on-forward layers (comfy.ops.disable_weight_init: the same
+      nn.Linear/Conv/Norm/Embedding with a cast path), so a partial load can leave weights on the
+      offload device and stream them, as ComfyUI does for its own models;
+    - after every load, the few tensors ComfyUI does not move (buffers, norm weights of layers
+      without a cast path) follow the model to its device;
+    - where unloading cannot free memory (compute and offload device are the same: --cpu,
+      --gpu-only), an unload releases the weights; the next use reads them from the file again.
+    """
+
+    def __init__(self, handle, *, management, patcher_module, ops) -> None:
+        self.management = management
+        self.patchers = {name: self._patcher(component, patcher_module, ops)
+                         for name, component in handle.components.items()}
+        self.components = dict(handle.components)  # not the handle itself: _MANAGED holds it weakly
+
+    def _patcher(self, component, patcher_module, ops):
+        _make_castable(component.module, ops)
+        patcher = patcher_module.ModelPatcher(_Managed(component), load_device=component.load_device,
+                                              offload_device=component.offload_device, size=component.size_bytes)
+        callbacks = getattr(_module("comfy.patcher_extension"), "CallbacksMP", None)
+        if callbacks is not None:
+            patcher.add_callback(callbacks.ON_LOAD, lambda p, device_to, *_: _move_uncastable(p.model, device_to))
+            patcher.add_callback(callbacks.ON_DETACH, lambda p, *_: _release_if_unmovable(component))
+        return patcher
+
+    def prepare(self, components, working_bytes: int = 0) -> None:
+        wanted = list(components)
+        for component in wanted:
+            if not component.resident:  # released by an earlier unload
+                component.materialize(component.offload_device)
+        self.management.load_models_gpu([self.patchers[c.name] for c in wanted], memory_required=working_bytes)
+
+
+def _castable_classes(ops) -> dict:
+    base = getattr(ops, "disable_weight_init", None)
+    names = ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm", "Embedding")
+    return {getattr(torch.nn, n): getattr(base, n) for n in names if base is not None and hasattr(base, n)}
+
+
+def _make_castable(module, ops) -> None:
+    """Give plain torch layers ComfyUI's cast-on-forward subclass (same state, one extra code path)."""
+    classes = _castable_classes(ops)
+    for layer in module.modules():
+        castable = classes.get(type(layer))
+        if castable is not None:
+            layer.__class__ = castable
+
+
+def _move_uncastable(model, device) -> None:
+    for layer in model.modules():
+        if hasattr(layer, "comfy_cast_weights"):
+            continue  # ComfyUI loads or streams these itself
+        for name, param in list(layer._parameters.items()):
+            if param is not None and param.device != device:
+                layer._parameters[name] = torch.nn.Parameter(param.data.to(device), requires_grad=False)
+        for name, buffer in list(layer._buffers.items()):
+            if buffer is not None and buffer.device != device:
+                layer._buffers[name] = buffer.to(device)
+
+
+def _release_if_unmovable(component) -> None:
+    # ModelPatcher.__del__ detaches too: nothing to release while the interpreter shuts down
+    if component.load_device == component.offload_device and not sys.is_finalizing():
+        log.info("ComfyUI unloaded %s; releasing its weights (read again from the file when next used)",
+                 component.name)
+        component.release()

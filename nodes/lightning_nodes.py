@@ -12,20 +12,20 @@ CATEGORY = "Flipbook/Lightning"
 def _load(ckpt_name, motion_model, variant, policy) -> NodeResult:
     from ..lightning.pipeline import load_lightning
 
-    checkpoint = _comfy.model_path("checkpoints", ckpt_name)
-    motion = _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion_model)
-    # fp16 weights + activations of a 16-frame 512px clip: about 1.5x the files' size
-    _comfy.make_room(int(1.5 * (checkpoint.stat().st_size + motion.stat().st_size)))
-    model = load_lightning(checkpoint, motion, variant_id=variant, policy=policy, device=_comfy.torch_device(),
-                           tokenizer_dir=_comfy.clip_tokenizer_dir(), dtype=_comfy.compute_dtype())
+    model = load_lightning(
+        _comfy.model_path("checkpoints", ckpt_name), _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion_model),
+        variant_id=variant, policy=policy, device=_comfy.torch_device(), tokenizer_dir=_comfy.clip_tokenizer_dir(),
+        dtype=_comfy.compute_dtype(), placements=_comfy.component_placements(),
+    )
     return NodeResult((model,))
 
 
 def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale) -> NodeResult:
     from ..lightning.pipeline import GenerationRequest, generate
 
-    request = GenerationRequest(prompt, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale)
-    result = generate(model, request, progress=_comfy.progress_reporter(steps))
+    request = GenerationRequest(prompt=prompt, negative=negative, seed=seed, frames=frames, width=width, height=height,
+                                steps=steps, cfg=cfg, scheduler=scheduler, motion_scale=motion_scale)
+    result = generate(model, request, progress=_comfy.progress_reporter(steps), memory=_comfy.memory_for(model.handle))
     notes = [*model.notes, *result.notes]
     return NodeResult((result.frames,), {"flipbook_notes": notes} if notes else None)
 

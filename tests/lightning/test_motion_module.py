@@ -34,7 +34,7 @@ def test_motion_layouts_have_the_real_tensor_counts_and_keys():
 def test_motion_module_detection(layout):
     info = MM.inspect_motion_module(T.tiny_motion_state_dict(layout=layout))
     assert (info.layout, info.family, info.version, info.max_frames) == (layout, "sd15", "v2", 32)
-    assert info.channels == (32, 64, 64, 64) and info.layers_per_block == 2
+    assert info.channels == (32, 64, 128, 128) and info.layers_per_block == 2
 
 
 def test_version_rules_follow_pe_length_and_mid_block():
@@ -45,7 +45,7 @@ def test_version_rules_follow_pe_length_and_mid_block():
     info = MM.inspect_motion_module(short)
     assert (info.version, info.max_frames) == ("v1", 24)
     sdxl = MM.inspect_motion_module(T.tiny_motion_state_dict(family="sdxl"))
-    assert (sdxl.family, sdxl.version, sdxl.channels) == ("sdxl", "v1", (32, 64, 64))  # ADE: v3 is SD1.5 only
+    assert (sdxl.family, sdxl.version, sdxl.channels) == ("sdxl", "v1", (32, 64, 128))  # ADE: v3 is SD1.5 only
 
 
 def test_both_layouts_load_to_identical_weights():

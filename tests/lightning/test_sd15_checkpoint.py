@@ -2,6 +2,8 @@
 inference, and refused families and variants."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,8 +28,18 @@ REAL_SD15_KEYS = [
 ]
 
 
-def test_tiny_checkpoint_has_the_real_key_layout(tiny_models):
+def _real_ldm_keys() -> set[str]:
+    text = (Path(__file__).resolve().parent.parent / "data" / "sd15_ldm_keys.txt").read_text()
+    return {line for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_tiny_checkpoint_has_every_unet_and_vae_key_of_a_real_file(tiny_models):
+    """The key list comes from ComfyUI's own LDM modules at SD1.5 sizes (tests/data/sd15_ldm_keys.txt)."""
     header = checkpoints.read_safetensors_header(tiny_models[1]["ckpt"])
+    real = _real_ldm_keys()
+    assert len(real) == 686 + 248
+    ours = {k for k in header if k.startswith(("model.", "first_stage_model."))}
+    assert ours == real  # e.g. input_blocks.7.0.skip_connection, decoder.up.N.block.2
     assert set(REAL_SD15_KEYS) <= set(header)
     assert len(header["first_stage_model.decoder.mid.attn_1.q.weight"]["shape"]) == 4  # 1x1 conv, as in LDM
     assert {k.split(".")[0] for k in header if k != "__metadata__"} == {"model", "first_stage_model", "cond_stage_model"}
@@ -40,7 +52,7 @@ def test_ldm_layout_round_trips_through_diffusers_converter():
     state = T.tiny_sd15_state_dict()
     original = S.infer_original_config(state)
     config = create_unet_diffusers_config_from_ldm(original, state)
-    assert config["block_out_channels"] == [32, 64, 64, 64] and config["cross_attention_dim"] == 32
+    assert config["block_out_channels"] == [32, 64, 128, 128] and config["cross_attention_dim"] == 32
     converted = convert_ldm_unet_checkpoint(state, config)
     assert set(converted) == set(UNet2DConditionModel(**config).state_dict())
 
@@ -75,7 +87,7 @@ def test_real_sd15_config_is_recovered_from_real_shapes():
 
 def test_sd15_checkpoint_loads(tiny_models):
     parts = S.load_sd15_checkpoint(tiny_models[1]["ckpt"])
-    assert list(parts.unet.config.block_out_channels) == [32, 64, 64, 64]
+    assert list(parts.unet.config.block_out_channels) == [32, 64, 128, 128]
     assert parts.scaling_factor == 0.18215 and parts.text_encoder.config.num_hidden_layers == 2
 
 

@@ -112,7 +112,7 @@ class Interrupted(Exception):
 def fake_comfy(tiny_models, tmp_path, monkeypatch):
     """Minimal stand-ins for folder_paths, comfy.utils, comfy.model_management, comfy.cli_args."""
     root, _ = tiny_models
-    state = {"interrupt_after": None, "updates": [], "freed": [], "device": torch.device("cpu")}
+    state = {"interrupt_after": None, "updates": [], "device": torch.device("cpu")}
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.folder_names_and_paths = {"checkpoints": ([str(root / "checkpoints")], {".safetensors"})}
     folder_paths.models_dir = str(root)
@@ -147,7 +147,13 @@ def fake_comfy(tiny_models, tmp_path, monkeypatch):
     management.get_torch_device = lambda: state["device"]
     management.should_use_fp16 = lambda device: False  # as ComfyUI answers for a CPU (or --force-fp32)
     management.should_use_bf16 = lambda device: False
-    management.free_memory = lambda needed, device: state["freed"].append(needed)
+    management.unet_offload_device = lambda: torch.device("cpu")
+    management.text_encoder_device = lambda: state["device"]
+    management.text_encoder_offload_device = lambda: torch.device("cpu")
+    management.text_encoder_dtype = lambda device=None: torch.float16  # ComfyUI's answer, also for a CPU
+    management.vae_device = lambda: state["device"]
+    management.vae_offload_device = lambda: torch.device("cpu")
+    management.vae_dtype = lambda device=None, allowed=(): torch.float32
     cli_args = types.ModuleType("comfy.cli_args")
     cli_args.args = types.SimpleNamespace(disable_metadata=False)
     comfy = types.ModuleType("comfy")
@@ -273,25 +279,17 @@ def test_v3_execute_passes_hidden_values_and_ui(tmp_path):
     assert read_mp4_metadata(saved) == {"workflow": {"a": 1}, "prompt": {"1": {"class_type": "X", "inputs": {}}}}
 
 
-def test_loader_asks_comfyui_to_free_gpu_memory_first(fake_comfy):
+def test_components_are_placed_where_comfyui_places_its_own(fake_comfy):
     state, _ = fake_comfy
-    _comfy.make_room(123)
-    assert state["freed"] == []  # nothing to free on a CPU run
+    cpu = torch.device("cpu")
+    assert _comfy.component_placements() == {
+        "unet": (cpu, cpu, torch.float32),
+        "text_encoder": (cpu, cpu, torch.float32),  # stored fp16 by ComfyUI but computed in fp32 on a CPU
+        "vae": (cpu, cpu, torch.float32),
+    }
     state["device"] = torch.device("cuda")
-    _comfy.make_room(123)
-    assert state["freed"] == [123] and _comfy.torch_device() == "cuda"
-
-
-def test_fill_notes_reach_the_node_ui(tiny_models, tmp_path):
-    from flipbook_pack.nodes.lightning_nodes import LOADER, SAMPLER
-
-    root, _ = tiny_models
-    _comfy.use_headless(_comfy.HeadlessHost(models_dir=root, output_dir=tmp_path))
-    try:
-        (model,) = LOADER.run(ckpt_name="tiny_sd15.safetensors", variant="auto", policy="fill",
-                              motion_model="animatediff_lightning_4step_comfyui.safetensors").outputs
-        result = SAMPLER.run(model=model, prompt="a", negative="", seed=0, frames=2, width=64, height=64, steps=9,
-                             cfg=1.0, scheduler="trailing", motion_scale=1.0)
-    finally:
-        _comfy.use_headless(None)
-    assert result.ui["flipbook_notes"] == ["steps 9 -> 4 (policy 'fill', AnimateDiff-Lightning 4-step)"]
+    placements = _comfy.component_placements()
+    assert placements["unet"][0] == placements["text_encoder"][0] == torch.device("cuda")
+    assert placements["text_encoder"][2] == torch.float16 and _comfy.torch_device() == "cuda"
+    # this stand-in has no comfy.model_patcher: the pipeline keeps its own (headless) memory policy
+    assert _comfy.memory_for(object()) is None
