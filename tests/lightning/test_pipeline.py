@@ -88,23 +88,63 @@ def test_diffusers_layout_gives_the_same_video(tiny_models, lightning_model):
     torch.testing.assert_close(P.generate(other, _request()).frames, P.generate(lightning_model, _request()).frames)
 
 
-@pytest.mark.filterwarnings("ignore")
-def test_matches_diffusers_animatediff_pipeline(lightning_model):
-    """Same components, same noise: our Euler loop equals diffusers' AnimateDiffPipeline + card scheduler."""
-    from diffusers import AnimateDiffPipeline, EulerDiscreteScheduler
+def _diffusers_pipeline(files, beta_end=0.012):
+    """diffusers' AnimateDiffPipeline built by diffusers and transformers themselves from the same files:
+    normal construction + load_state_dict(strict) of diffusers' LDM conversion, the motion adapter from
+    the `_diffusers` layout file, the card's scheduler (nothing of Flipbook's loader on this side)."""
+    from diffusers import (AnimateDiffPipeline, AutoencoderKL, EulerDiscreteScheduler, MotionAdapter,
+                           UNet2DConditionModel)
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    m = lightning_model
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+    from flipbook_pack.lightning import sd15_checkpoint as S
+    from flipbook_pack.lightning.text import load_tokenizer
+
+    layout = S.inspect_sd15_checkpoint(files["ckpt"])
+    state = {k: v.float() for k, v in load_file(str(files["ckpt"])).items()}
+    unet = UNet2DConditionModel(**layout.unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, layout.unet_config))
+    vae = AutoencoderKL(**layout.vae_config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, layout.vae_config))
+    text = CLIPTextModel(CLIPTextConfig(**layout.text_config))
+    prefix = "cond_stage_model.transformer."
+    clip = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    nested = any(k.startswith("text_model.") for k in text.state_dict())
+    text.load_state_dict({(k if nested else k.removeprefix("text_model.")): v for k, v in clip.items()}, strict=False)
+    motion = {k: v.float() for k, v in load_file(str(files["diffusers"])).items()}
+    adapter = MotionAdapter(block_out_channels=layout.unet_config["block_out_channels"], motion_layers_per_block=2,
+                            motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=32,
+                            use_motion_mid_block=True)
+    adapter.load_state_dict(motion)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=beta_end, beta_schedule="linear",
                                        timestep_spacing="trailing")
-    pipe = AnimateDiffPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-                               motion_adapter=None, scheduler=scheduler)
+    pipe = AnimateDiffPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=load_tokenizer(),
+                               unet=unet.eval(), motion_adapter=adapter.eval(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_matches_diffusers_animatediff_pipeline_from_the_same_start(tiny_models, lightning_model):
+    """Same files, same x_T: our Euler loop equals diffusers' pipeline to float precision, and is
+    sensitive enough that a beta_end of 0.01201 instead of 0.012 fails the comparison."""
+    _, files = tiny_models
     request = _request(seed=11)
     noise = P.seeded_noise((1, 4, request.frames, 8, 8), request.seed)
-    theirs = pipe(prompt=request.prompt, num_frames=request.frames, height=64, width=64, num_inference_steps=4,
-                  guidance_scale=1.0, latents=noise.clone(), output_type="pt").frames[0]
-    ours = P.generate(m, request).frames.permute(0, 3, 1, 2)
-    torch.testing.assert_close(ours, theirs.float(), atol=2e-3, rtol=0)
+    sigmas, _ = P.sigmas_for_steps(lightning_model.model_sigmas, "trailing", 4)
+    x_start = P.initial_latent(noise, sigmas[0], P.epsilon_prediction(lightning_model.model_sigmas))
+
+    def theirs(beta_end):
+        pipe = _diffusers_pipeline(files, beta_end)
+        # diffusers multiplies the given latents by init_noise_sigma (sigma_max for trailing spacing)
+        latents = x_start / pipe.scheduler.init_noise_sigma
+        return pipe(prompt=request.prompt, num_frames=request.frames, height=64, width=64, num_inference_steps=4,
+                    guidance_scale=1.0, latents=latents, output_type="pt").frames[0].float()
+
+    ours = P.generate(lightning_model, request).frames.permute(0, 3, 1, 2)
+    torch.testing.assert_close(ours, theirs(0.012), atol=1e-5, rtol=0)
+    assert float((ours - theirs(0.01201)).abs().max()) > 1e-5
 
 
 def test_model_repr_is_one_short_line(lightning_model):
