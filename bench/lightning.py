@@ -80,12 +80,15 @@ def diffusers_run(P, model, request, device):
                                unet=model.unet, motion_adapter=None, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     noise = P.seeded_noise((1, 4, request.frames, request.height // 8, request.width // 8), request.seed)
+    # the same x_T on both sides: diffusers multiplies given latents by init_noise_sigma (sigma_max for trailing)
+    sigmas, _ = P.sigmas_for_steps(model.model_sigmas, request.scheduler, request.steps)
+    start = P.initial_latent(noise, sigmas[0], P.epsilon_prediction(model.model_sigmas)) / scheduler.init_noise_sigma
 
     def run():
         with torch.no_grad():
             return pipe(prompt=request.prompt, num_frames=request.frames, height=request.height, width=request.width,
                         num_inference_steps=request.steps, guidance_scale=1.0, decode_chunk_size=8,
-                        latents=noise.to(device, model.dtype), output_type="pt").frames[0].cpu()
+                        latents=start.to(device, model.dtype), output_type="pt").frames[0].cpu()
     # .cpu(): ComfyUI IMAGE tensors live on the CPU, so both sides pay the same transfer
 
     return run

@@ -290,7 +290,9 @@ class ComfyMemory:
 
     def _patcher(self, component, patcher_module, ops):
         _make_castable(component.module, ops)
-        patcher = patcher_module.ModelPatcher(_Managed(component), load_device=component.load_device,
+        # ComfyUI logs "Requested to load <class name>": name it after the component
+        managed = type(f"Flipbook_{component.name}", (_Managed,), {})(component)
+        patcher = patcher_module.ModelPatcher(managed, load_device=component.load_device,
                                               offload_device=component.offload_device, size=component.size_bytes)
         callbacks = getattr(_module("comfy.patcher_extension"), "CallbacksMP", None)
         if callbacks is not None:
@@ -302,6 +304,8 @@ class ComfyMemory:
         wanted = list(components)
         for component in wanted:
             if not component.resident:  # released by an earlier unload
+                log.info("reading %s weights again from the file (%.0f MB)", component.name,
+                         component.size_bytes / 2**20)
                 component.materialize(component.offload_device)
         self.management.load_models_gpu([self.patchers[c.name] for c in wanted], memory_required=working_bytes)
 
