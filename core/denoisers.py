@@ -72,7 +72,12 @@ def flow_prediction(multiplier: float = FLOW_TIMESTEP_MULTIPLIER) -> Parameteriz
 
 
 def initial_latent(noise: torch.Tensor, sigma_max: torch.Tensor, parameterization: Parameterization) -> torch.Tensor:
-    """The sampler's starting x for a full denoise from unit-variance noise."""
+    """The sampler's starting x for a full denoise from unit-variance noise.
+
+    Epsilon models start at sqrt(1 + sigma_max^2) * noise, as ComfyUI does; diffusers' Euler scheduler
+    starts trailing/linspace schedules at sigma_max * noise instead (see `epsilon_prediction`). Flow
+    models start at sigma_max * noise (= noise at sigma 1).
+    """
     return noise * parameterization.initial_scale(sigma_max)
 
 

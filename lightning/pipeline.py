@@ -18,7 +18,7 @@ from ..core.devices import compute_dtype, resolve_device
 from ..core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError, UnsupportedCheckpointError
 from ..core.model_handle import Component, LocalMemory, MemoryPolicy, ModelHandle
 from ..core.prompt import embedding_names, encode_weighted, match_lengths
-from ..core.sampling import sample_euler, seeded_noise
+from ..core.sampling import SAMPLERS, seeded_noise
 from ..core.schedules import discrete_sigmas, sigmas_for_steps
 from ..core.vae import decode_latents
 from . import variants as V
@@ -119,9 +119,9 @@ def load_lightning(
     """Load checkpoint + motion module, checking they fit together before the big load.
 
     Weights are read (memory-mapped) onto each component's offload device; the memory policy moves
-    them to the compute device when a step needs them. `placements` maps component names to
-    (compute, offload) devices, as ComfyUI decides them; by default all compute on `device` and wait
-    on the CPU, in `dtype`.
+    them to the compute device when a step needs them. `placements` maps component names
+    ("text_encoder", "unet", "vae") to (compute device, offload device, dtype), as ComfyUI decides
+    them; by default all compute on `device` in `dtype` and wait on the CPU.
     """
     if policy not in V.POLICIES:
         raise InvalidSettingError(f"Unknown policy {policy!r}; choose one of {V.POLICIES}.")
@@ -221,12 +221,13 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
     if not 1 <= request.frames <= model.motion.max_frames:
         raise InvalidSettingError(
             f"frames={request.frames}, but this motion module's positional encoding covers at most "
-            f"{model.motion.max_frames} frames (16 is what it was trained on). Use 1-{model.motion.max_frames} "
+            f"{model.motion.max_frames} frames ({model.variant.frames} is what it was trained on). Use 1-{model.motion.max_frames} "
             "frames; longer videos need context windows, which Flipbook does not have yet."
         )
     for name, value in (("width", request.width), ("height", request.height)):
         if value < 64 or value % 8:
-            raise InvalidSettingError(f"{name}={value}: must be a multiple of 8 and at least 64 (512 is native).")
+            raise InvalidSettingError(f"{name}={value}: must be a multiple of 8 and at least 64 "
+                                      f"({model.variant.resolution} is native).")
     low, high = MOTION_SCALE_RANGE
     if not low <= request.motion_scale <= high:
         raise InvalidSettingError(f"motion_scale={request.motion_scale}: use {low}-{high} (1.0 = as trained).")
@@ -265,7 +266,7 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     memory.prepare([model.handle["unet"]], unet_working_bytes(request.frames, request.height, request.width,
                                                               model.dtype, denoiser.guided))
     with motion_scale(model.unet, request.motion_scale):
-        latents = sample_euler(denoiser, x, sigmas)
+        latents = SAMPLERS[model.variant.sampler](denoiser, x, sigmas)
     frames_latents = latents[0].permute(1, 0, 2, 3)  # [F, C, h, w]
     memory.prepare([model.handle["vae"]])
     decode_cb = (lambda done, _n: progress(settings.steps + -(-done // DECODE_CHUNK), total)) if progress else None
@@ -278,7 +279,6 @@ def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: 
     """The motion UNet as an epsilon-prediction denoiser; frames ride in the batch, so each prompt's
     context is repeated per frame (diffusers UNetMotionModel takes [batch * frames, tokens, dim])."""
     frames = request.frames
-
     text_device = model.handle["text_encoder"].load_device
 
     def encode(text: str) -> torch.Tensor:

@@ -35,7 +35,7 @@ class Variant:
     distilled: bool
     steps: int  # the trained / recommended step count
     allowed_steps: Optional[tuple[int, ...]]  # None: any step count is fine
-    sampler: str
+    sampler: str  # a name in core.sampling.SAMPLERS
     spacing: str  # timestep spacing id in core.schedules.TIMESTEP_SPACINGS
     allowed_spacings: tuple[str, ...]
     beta_schedule: str  # diffusers name; ComfyUI calls it "sqrt_linear"
@@ -45,10 +45,9 @@ class Variant:
     cfg_min: float
     cfg_warn_above: float
     versions: tuple[str, ...]  # motion-module versions this preset fits
-    frames: int = 16
-    resolution: int = 512
-    base_family: str = "sd15"
-    source: str = ""
+    frames: int = 16  # trained clip length (named in the frame-limit error)
+    resolution: int = 512  # trained size (named in the size error)
+    source: str = ""  # where the values come from (named in every mismatch error)
 
 
 def _lightning(steps: int, allowed: tuple[int, ...], note: str = "") -> Variant:
@@ -169,7 +168,7 @@ def check_settings(variant: Variant, requested: SamplingSettings, policy: str = 
     if violations and policy == "strict":
         raise SettingsMismatchError(
             " ".join(why for _, _, why in violations) + " Or set the loader's policy to 'fill' to use the variant's "
-            "settings."
+            f"settings. (Trained settings: {variant.source}.)"
         )
     settings = replace(requested, **{field: value for field, value, _ in violations})
     notes = [f"{field} {getattr(requested, field)} -> {value} (policy 'fill', {variant.label})"

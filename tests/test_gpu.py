@@ -27,3 +27,16 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(lightning_model):
     frames = decode_latents(vae, latents, 1.0)
     assert torch.isfinite(frames).all() and next(vae.parameters()).dtype == torch.float16
     lightning_model.vae.to("cpu", torch.float32)
+
+
+def test_components_wait_on_the_cpu_and_move_to_the_gpu_when_a_stage_needs_them(tiny_models):
+    from flipbook_pack.core.model_handle import LocalMemory
+
+    _, files = tiny_models
+    gpu = P.load_lightning(files["ckpt"], files["original"])
+    components = gpu.handle.components
+    assert all(c.device.type == "cpu" for c in components.values())  # read onto the offload device
+    P.generate(gpu, P.GenerationRequest(prompt="a fox", frames=8, width=64, height=64))
+    assert all(c.device.type == "cuda" for c in components.values())  # room enough: nothing offloaded
+    LocalMemory(gpu.handle, free_bytes=lambda device: 0).prepare([components["vae"]])
+    assert components["unet"].device.type == "cpu" and components["vae"].device.type == "cuda"

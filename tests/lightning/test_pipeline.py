@@ -63,7 +63,7 @@ def test_motion_scale_changes_temporal_attention_only_during_the_call(lightning_
     (dict(motion_scale=3.0), InvalidSettingError, "motion_scale"),
 ])
 def test_bad_requests_fail_before_sampling(lightning_model, monkeypatch, change, error, match):
-    monkeypatch.setattr(P, "sample_euler", lambda *a, **k: pytest.fail("sampled despite a bad request"))
+    monkeypatch.setattr(P, "SAMPLERS", {"euler": lambda *a, **k: pytest.fail("sampled despite a bad request")})
     with pytest.raises(error, match=match):
         P.generate(lightning_model, _request(**change))
 
