@@ -18,7 +18,7 @@ def _audio_track(audio):
 
     if audio is None:
         return None
-    return AudioTrack(audio["waveform"][0].float().cpu().numpy(), int(audio["sample_rate"]))
+    return AudioTrack(samples=audio["waveform"][0].float().cpu().numpy(), sample_rate=int(audio["sample_rate"]))
 
 
 def _frames_of(images, video, fps, audio):
@@ -40,8 +40,9 @@ def _save(filename_prefix, fps, format, crf, pix_fmt, loop, pingpong, quality, i
     images, fps, audio = _frames_of(images, video, fps, audio)
     settings = VideoSettings(fps=fps, crf=crf, pix_fmt=pix_fmt, loop=loop, pingpong=pingpong, quality=quality)
     metadata = build_metadata(prompt, extra_pnginfo, disabled=_comfy.metadata_disabled())
-    saved = save_video(images, _comfy.output_dir(), filename_prefix, format, settings, metadata,
-                       audio=_audio_track(audio), progress=_comfy.progress_reporter(int(images.shape[0])))
+    saved = save_video(images, output_dir=_comfy.output_dir(), filename_prefix=filename_prefix, format_id=format,
+                       settings=settings, metadata=metadata, audio=_audio_track(audio),
+                       progress=_comfy.progress_reporter(int(images.shape[0])))
     entry = {"filename": saved.path.name, "subfolder": saved.subfolder, "type": "output",
              "format": OUTPUT_FORMATS[format].mime}
     ui = {"images": [entry], "animated": (True,)}
@@ -106,8 +107,8 @@ def _to_video(images, fps, audio=None) -> NodeResult:
 def _load(video, frame_cap, skip_first, every_nth, size_multiple) -> NodeResult:
     from ..core.media.load_video import load_video
 
-    loaded = load_video(_comfy.input_path(video), frame_cap, skip_first, every_nth, int(size_multiple),
-                        progress=_comfy.progress_reporter(frame_cap or 1))
+    loaded = load_video(_comfy.input_path(video), frame_cap=frame_cap, skip_first=skip_first, every_nth=every_nth,
+                        size_multiple=int(size_multiple), progress=_comfy.progress_reporter(frame_cap or 1))
     return NodeResult((loaded.frames, loaded.fps, int(loaded.frames.shape[0])))
 
 
