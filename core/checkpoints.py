@@ -9,12 +9,14 @@ import json
 import os
 import pickle
 import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import torch
 
-from .errors import CorruptFileError, ModelFileNotFoundError, UnsafeFileError, UnsupportedCheckpointError
+from .errors import (CorruptFileError, ModelFileChangedError, ModelFileNotFoundError, UnsafeFileError,
+                     UnsupportedCheckpointError)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -51,9 +53,50 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     return header
 
 
-def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load every tensor of a model file onto the CPU, refusing unsafe pickles."""
+_shared: Optional[dict[Path, dict[str, torch.Tensor]]] = None  # set inside `shared_reads()`
+
+
+@contextmanager
+def shared_reads() -> Iterator[None]:
+    """Within this block a file is read once however often it is asked for (loading several networks
+    from one checkpoint would otherwise unpickle a .ckpt once per network)."""
+    global _shared
+    outer, _shared = _shared, ({} if _shared is None else _shared)
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(size, mtime in ns): enough to notice that a model file was replaced since it was loaded."""
+    _require_file(Path(path))
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def load_state_dict(path: str | os.PathLike[str], *, expect: Optional[tuple[int, int]] = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a model file on the CPU (safetensors memory-mapped), refusing unsafe pickles.
+
+    `expect`: the file's fingerprint when it was first loaded; weights read again later (after ComfyUI
+    unloaded them) must come from the same file, not from one replaced in the meantime.
+    """
     path = Path(path)
+    if expect is not None and file_fingerprint(path) != expect:
+        raise ModelFileChangedError(
+            f"{path.name} changed on disk since it was loaded (size/time {expect} -> {file_fingerprint(path)}), "
+            "so its weights cannot be read again. Run the loader node again (change an input or restart) to "
+            "load the new file."
+        )
+    if _shared is not None:
+        key = path.resolve()
+        if key not in _shared:
+            _shared[key] = _read(path)
+        return dict(_shared[key])
+    return _read(path)
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         return _load_weights_only_pickle(path)

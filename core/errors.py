@@ -39,6 +39,10 @@ class ModelFileNotFoundError(FlipbookError, FileNotFoundError):
     """A model file named in a node or workflow is not on disk."""
 
 
+class ModelFileChangedError(FlipbookError, OSError):
+    """A model file was replaced on disk after it was loaded, so its weights cannot be read again."""
+
+
 class VideoWriteError(FlipbookError, OSError):
     """A video could not be written; nothing was left behind."""
 

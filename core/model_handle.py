@@ -41,21 +41,23 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 def adopt_tensors(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], *, device: torch.device,
                   dtype: Optional[torch.dtype], what: str, ignore: tuple[str, ...] = ()) -> None:
     """Make `module` use these tensors, each moved to device/dtype as it is adopted (dtype None keeps the
-    storage dtype). Every name must match: all mismatches are reported at once."""
+    storage dtype). Every name must match (but those ending in `ignore`): all mismatches are reported at once.
+    Tied weights are not supported yet: each name gets its own tensor."""
     expected = dict(module.state_dict(keep_vars=True))
-    missing = sorted(k for k in expected if k not in weights and not any(i in k for i in ignore))
-    unexpected = sorted(k for k in weights if k not in expected and not any(i in k for i in ignore))
+    missing = sorted(k for k in expected if k not in weights and not k.endswith(ignore))
+    unexpected = sorted(k for k in weights if k not in expected and not k.endswith(ignore))
     if missing or unexpected:
         raise UnsupportedCheckpointError(
             f"The {what} does not match its architecture: {len(missing)} missing tensors (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it the right model in a known file layout?"
         )
-    for name, tensor in weights.items():
-        if name not in expected:
-            continue
+    # every tensor is moved first and assigned after, so a failure (out of memory, a bad file) leaves the
+    # module as it was instead of half loaded
+    moved = {name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and dtype else tensor.dtype)
+             for name, tensor in weights.items() if name in expected}
+    for name, value in moved.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
-        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and dtype else tensor.dtype)
         if leaf in owner._parameters:
             owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
         else:
@@ -87,13 +89,13 @@ class Component:
     offload_device: torch.device  # where it waits between uses
     dtype: Optional[torch.dtype]  # compute/storage dtype of its floating tensors (None: the file's)
     finish: Optional[Callable[[torch.nn.Module], None]] = None  # rebuilds state no file holds (e.g. ids)
-    ignore: tuple[str, ...] = ()  # names that may be absent from the files (recomputed by `finish`)
+    ignore: tuple[str, ...] = ()  # name endings that may be absent from the files (recomputed by `finish`)
     size_bytes: int = 0  # from the tensors, kept while released
 
     @property
     def resident(self) -> bool:
-        """Whether the weights are in memory (False after `release`, until the next `load`)."""
-        return _device_of(self.module) != META
+        """Whether all weights are in memory (False after `release`, until the next `load`)."""
+        return not any(t.device == META for t in (*self.module.parameters(), *self.module.buffers()))
 
     @property
     def device(self) -> torch.device:

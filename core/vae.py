@@ -18,14 +18,17 @@ def decode_latents(
     scaling_factor: float,
     chunk: int = 8,
     progress: Optional[ProgressFn] = None,
+    device: Optional[torch.device] = None,
 ) -> torch.Tensor:
     """[F, C, h, w] latents -> [F, H, W, 3] float32 images in 0..1 on the CPU (ComfyUI IMAGE layout).
 
     fp16 VAEs can overflow to NaN/inf on some inputs (sd-webui-animatediff #352); such a chunk is
     decoded again in fp32 instead of returning black frames. The finiteness of all chunks is read
-    back in one transfer at the end, so the GPU never waits on the CPU between chunks.
+    back in one transfer at the end, so the GPU never waits on the CPU between chunks. `device` is where
+    the VAE computes (default: where its first weight is; under a partial load weights may wait elsewhere).
     """
-    dtype, device = next(vae.parameters()).dtype, next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    device = device or next(vae.parameters()).device
     total = latents.shape[0]
     parts = [latents[s:s + chunk] / scaling_factor for s in range(0, total, chunk)]
     images = []
@@ -38,7 +41,7 @@ def decode_latents(
         for index in (~finite).nonzero().flatten().tolist():
             log.warning("VAE produced NaN/inf in %s; decoding frames %d-%d again in float32",
                         dtype, index * chunk, index * chunk + parts[index].shape[0] - 1)
-            images[index] = _decode_fp32(vae, parts[index], dtype)
+            images[index] = _decode_fp32(vae, parts[index].to(device), dtype)
     video = torch.cat(images).float().div_(2).add_(0.5).clamp_(0, 1)
     return video.permute(0, 2, 3, 1).to("cpu").contiguous()
 

@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from ..core.checkpoints import load_state_dict
+from ..core.checkpoints import file_fingerprint, load_state_dict, shared_reads
 from ..core.denoisers import Denoiser, epsilon_prediction, initial_latent, uses_negative
 from ..core.devices import compute_dtype, resolve_device
 from ..core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError, UnsupportedCheckpointError
@@ -44,8 +44,8 @@ class LightningModel:
     variant: V.Variant
     policy: str
     model_sigmas: torch.Tensor
-    device: torch.device  # where the networks compute
-    dtype: torch.dtype
+    device: torch.device  # where the UNet computes (the sampling loop's device)
+    dtype: torch.dtype  # the UNet's dtype
     notes: tuple[str, ...] = ()  # what loading noticed (e.g. variant vs file name), shown on the node
 
     @property
@@ -118,36 +118,39 @@ def load_lightning(
 ) -> LightningModel:
     """Load checkpoint + motion module, checking they fit together before the big load.
 
-    Weights are read (memory-mapped) onto each component's offload device; the memory policy moves
-    them to the compute device when a step needs them. `placements` maps component names
+    Weights are read (memory-mapped) onto the CPU; the memory policy (ComfyUI's inside ComfyUI) moves
+    them to each component's compute device when a stage needs them. `placements` maps component names
     ("text_encoder", "unet", "vae") to (compute device, offload device, dtype), as ComfyUI decides
     them; by default all compute on `device` in `dtype` and wait on the CPU.
     """
     if policy not in V.POLICIES:
         raise InvalidSettingError(f"Unknown policy {policy!r}; choose one of {V.POLICIES}.")
     motion_path, checkpoint_path = Path(motion_path), Path(checkpoint_path)
-    info = _check_motion_module(motion_path, checkpoint_path.name)
-    variant, notes = resolve_variant(variant_id, motion_path.name, info, motion_path.stat().st_size)
-    torch_device = resolve_device(device)
-    dtype = dtype or compute_dtype(torch_device)
-    layout = inspect_sd15_checkpoint(checkpoint_path)
-    _check_widths(layout, info, checkpoint_path.name, motion_path.name)
+    with shared_reads():  # each file is read (a .ckpt unpickled) once for every check and network
+        info = _check_motion_module(motion_path, checkpoint_path.name)
+        variant, notes = resolve_variant(variant_id, motion_path.name, info, motion_path.stat().st_size)
+        torch_device = resolve_device(device)
+        dtype = dtype or compute_dtype(torch_device)
+        layout = inspect_sd15_checkpoint(checkpoint_path)
+        _check_widths(layout, info, checkpoint_path.name, motion_path.name)
 
-    def place(name: str) -> dict:
-        load, offload, its_dtype = (placements or {}).get(name, (torch_device, torch.device("cpu"), dtype))
-        return dict(load_device=torch.device(load), offload_device=torch.device(offload), dtype=its_dtype)
+        def place(name: str) -> dict:
+            load, offload, its_dtype = (placements or {}).get(name, (torch_device, torch.device("cpu"), dtype))
+            return dict(load_device=torch.device(load), offload_device=torch.device(offload), dtype=its_dtype)
 
-    components = (text_encoder_component(layout, **place("text_encoder")),
-                  _motion_unet_component(layout, motion_path, info, **place("unet")),
-                  vae_component(layout, **place("vae")))
-    for component in components:
-        component.materialize()
+        unet_place = place("unet")
+        components = (text_encoder_component(layout, **place("text_encoder")),
+                      _motion_unet_component(layout, motion_path, info, **unet_place),
+                      vae_component(layout, **place("vae")))
+        for component in components:
+            # onto the CPU: the memory policy (or ComfyUI, after making room) moves them to their device
+            component.materialize(torch.device("cpu"))
     return LightningModel(
         checkpoint_name=checkpoint_path.name, motion_name=motion_path.name,
         handle=ModelHandle({c.name: c for c in components}), tokenizer=load_tokenizer(tokenizer_dir),
         scaling_factor=layout.scaling_factor, motion=info, variant=variant, policy=policy,
         model_sigmas=discrete_sigmas(variant.beta_schedule, variant.beta_start, variant.beta_end),
-        device=torch_device, dtype=dtype, notes=notes,
+        device=unet_place["load_device"], dtype=unet_place["dtype"], notes=notes,
     )
 
 
@@ -185,8 +188,10 @@ def _motion_unet_component(layout, motion_path: Path, info: MotionModuleInfo, **
         twin = UNet2DConditionModel(**layout.unet_config)
         unet = UNetMotionModel.from_unet2d(twin, MotionAdapter(**adapter_config(info)), load_weights=False).eval()
 
+    motion_file = file_fingerprint(motion_path)
+
     def weights() -> dict[str, torch.Tensor]:
-        return {**unet_weights(layout), **motion_weights(load_state_dict(motion_path), info)}
+        return {**unet_weights(layout), **motion_weights(load_state_dict(motion_path, expect=motion_file), info)}
 
     return Component(name="unet", module=unet, weights=weights, **placement)
 
@@ -243,9 +248,16 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
 
 def unet_working_bytes(frames: int, height: int, width: int, dtype: torch.dtype, guided: bool) -> int:
     """Activation memory of one UNet pass, by ComfyUI's estimate for SD1.5 with PyTorch attention
-    (comfy/model_base.py BaseModel.memory_required: area * dtype size * 0.01 * 2.0 MiB, area = batch * h * w)."""
+    (comfy/model_base.py BaseModel.memory_required: area * dtype size * 0.01 * memory_usage_factor MiB,
+    area = batch * h * w; supported_models.py SD15 memory_usage_factor 1.0)."""
     area = frames * (2 if guided else 1) * (height // 8) * (width // 8)
-    return int(area * torch.empty(0, dtype=dtype).element_size() * 0.01 * 2.0 * 2**20)
+    return int(area * torch.empty(0, dtype=dtype).element_size() * 0.01 * 1.0 * 2**20)
+
+
+def vae_working_bytes(frames: int, height: int, width: int, dtype: torch.dtype) -> int:
+    """Memory of decoding `frames` latents at once, by ComfyUI's estimate for the SD1.x VAE
+    (comfy/sd.py VAE.memory_used_decode: 2178 * h * w * 64 * dtype size per latent, h and w in latent pixels)."""
+    return int(frames * 2178 * (height // 8) * (width // 8) * 64 * torch.empty(0, dtype=dtype).element_size())
 
 
 def generate(model: LightningModel, request: GenerationRequest, progress: Optional[ProgressFn] = None,
@@ -268,9 +280,12 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     with motion_scale(model.unet, request.motion_scale):
         latents = SAMPLERS[model.variant.sampler](denoiser, x, sigmas)
     frames_latents = latents[0].permute(1, 0, 2, 3)  # [F, C, h, w]
-    memory.prepare([model.handle["vae"]])
+    vae = model.handle["vae"]
+    memory.prepare([vae], vae_working_bytes(min(request.frames, DECODE_CHUNK), request.height, request.width,
+                                            vae.dtype or model.dtype))
     decode_cb = (lambda done, _n: progress(settings.steps + -(-done // DECODE_CHUNK), total)) if progress else None
-    frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=DECODE_CHUNK, progress=decode_cb)
+    frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=DECODE_CHUNK, progress=decode_cb,
+                            device=vae.load_device)
     return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=denoiser.calls)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from ..core.bundled import bundled_json
-from ..core.checkpoints import load_state_dict
+from ..core.checkpoints import file_fingerprint, load_state_dict
 from ..core.errors import UnsupportedCheckpointError
 from ..core.families import FAMILY_NAMES, SD_CLIP_PREFIX, SD_UNET_PREFIX, detect_base_family
 from ..core.model_handle import Component
@@ -34,6 +34,7 @@ class SD15Layout:
     """What the file's tensors say about its architecture, read before any weight is loaded."""
 
     path: Path
+    fingerprint: tuple[int, int]  # size and mtime when inspected: re-reads refuse a changed file
     original_config: dict[str, Any]  # LDM config (v1-inference with sizes from the shapes)
     unet_config: dict[str, Any]  # diffusers UNet2DConditionModel config
     vae_config: dict[str, Any]  # diffusers AutoencoderKL config
@@ -47,6 +48,7 @@ def inspect_sd15_checkpoint(path: str | Path) -> SD15Layout:
                                                      create_vae_diffusers_config_from_ldm)
 
     path = Path(path)
+    fingerprint = file_fingerprint(path)
     state = load_state_dict(path)  # memory-mapped: only the shapes are read here
     family = detect_base_family(state)
     if family != "sd15":
@@ -59,7 +61,7 @@ def inspect_sd15_checkpoint(path: str | Path) -> SD15Layout:
             "channels); text-to-animation needs a plain SD1.5 checkpoint (4 input channels)."
         )
     return SD15Layout(
-        path=path, original_config=original,
+        path=path, fingerprint=fingerprint, original_config=original,
         unet_config=create_unet_diffusers_config_from_ldm(original, state),
         vae_config=create_vae_diffusers_config_from_ldm(original, state),
         text_config=_text_config(state),
@@ -163,17 +165,17 @@ def unet_weights(layout: SD15Layout) -> dict[str, torch.Tensor]:
     """The UNet's tensors under diffusers UNet2DConditionModel names (diffusers' LDM converter)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    return convert_ldm_unet_checkpoint(load_state_dict(layout.path), layout.unet_config)
+    return convert_ldm_unet_checkpoint(load_state_dict(layout.path, expect=layout.fingerprint), layout.unet_config)
 
 
 def vae_weights(layout: SD15Layout) -> dict[str, torch.Tensor]:
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    return convert_ldm_vae_checkpoint(load_state_dict(layout.path), layout.vae_config)
+    return convert_ldm_vae_checkpoint(load_state_dict(layout.path, expect=layout.fingerprint), layout.vae_config)
 
 
 def text_encoder_weights(layout: SD15Layout, with_text_model_level: bool) -> dict[str, torch.Tensor]:
-    weights = _clip_tensors(load_state_dict(layout.path))
+    weights = _clip_tensors(load_state_dict(layout.path, expect=layout.fingerprint))
     # transformers < 5 keeps the `text_model.` level in CLIPTextModel's own names
     return {"text_model." + k: v for k, v in weights.items()} if with_text_model_level else weights
 

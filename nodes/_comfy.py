@@ -200,16 +200,20 @@ def input_path(name: str) -> Path:
 
 
 def compute_dtype():
-    """ComfyUI's precision choice for this device (honours --force-fp32, cards where fp16 is broken); None headless."""
-    management = None if _headless is not None else _module("comfy.model_management")
+    """ComfyUI's UNet precision for this device (honours --fp16-unet/--bf16-unet/--fp32-unet, --force-fp32,
+    cards where fp16 is broken); None headless. fp8/fp64 choices fall back to what the device computes."""
+    management = _management()
     if management is None:
         return None
     device = management.get_torch_device()
+    computable = (torch.float16, torch.bfloat16, torch.float32)
+    chosen = management.unet_dtype(device, supported_dtypes=list(computable))
+    if chosen in computable:
+        return chosen
+    log.info("ComfyUI chose %s for UNets; Flipbook's networks compute in fp16/bf16/fp32", chosen)
     if management.should_use_fp16(device):
         return torch.float16
-    if management.should_use_bf16(device):
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if management.should_use_bf16(device) else torch.float32
 
 
 def _management():
@@ -297,7 +301,9 @@ class ComfyMemory:
         callbacks = getattr(_module("comfy.patcher_extension"), "CallbacksMP", None)
         if callbacks is not None:
             patcher.add_callback(callbacks.ON_LOAD, lambda p, device_to, *_: _move_uncastable(p.model, device_to))
-            patcher.add_callback(callbacks.ON_DETACH, lambda p, *_: _release_if_unmovable(component))
+            # load_models_gpu also detaches (unpatch_all=False) a model it is about to load again: not an unload
+            patcher.add_callback(callbacks.ON_DETACH,
+                                 lambda p, unpatch_all=True: unpatch_all and _release_if_unmovable(component))
         return patcher
 
     def prepare(self, components, working_bytes: int = 0) -> None:
@@ -306,7 +312,8 @@ class ComfyMemory:
             if not component.resident:  # released by an earlier unload
                 log.info("reading %s weights again from the file (%.0f MB)", component.name,
                          component.size_bytes / 2**20)
-                component.materialize(component.offload_device)
+                # onto the CPU: ComfyUI moves them to the device after making room there
+                component.materialize(torch.device("cpu"))
         self.management.load_models_gpu([self.patchers[c.name] for c in wanted], memory_required=working_bytes)
 
 
@@ -323,6 +330,8 @@ def _make_castable(module, ops) -> None:
         castable = classes.get(type(layer))
         if castable is not None:
             layer.__class__ = castable
+            if isinstance(layer, torch.nn.Embedding):
+                layer.bias = None  # ComfyUI's Embedding sets this in reset_parameters, which a class swap skips
 
 
 def _move_uncastable(model, device) -> None:

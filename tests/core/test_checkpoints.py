@@ -66,3 +66,32 @@ def test_unknown_suffixes_and_headless_paths_outside_the_folders(tmp_path):
     with pytest.raises(VideoWriteError):
         save_video(torch.rand(1, 8, 8, 3), tmp_path, "../up", "mp4", VideoSettings(), {})
     assert read_workflow(tmp_path / "nothing.gif") == {}
+
+
+def test_a_file_replaced_after_loading_is_not_read_again(tmp_path):
+    import os
+
+    from flipbook_pack.core.errors import ModelFileChangedError
+    from flipbook_pack.core.tiny_weights import write_safetensors
+
+    path = write_safetensors({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    seen = checkpoints.file_fingerprint(path)
+    assert checkpoints.load_state_dict(path, expect=seen)["w"].tolist() == [1.0, 1.0]
+    write_safetensors({"w": torch.zeros(3)}, path)
+    os.utime(path, ns=(seen[1] + 10**9, seen[1] + 10**9))
+    with pytest.raises(ModelFileChangedError, match="m.safetensors changed on disk.*Run the loader node again"):
+        checkpoints.load_state_dict(path, expect=seen)
+
+
+def test_shared_reads_unpickle_a_ckpt_once(tmp_path, monkeypatch):
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(2), "b": torch.zeros(1)}}, path)
+    loads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (loads.append(1), real(*a, **k))[1])
+    with checkpoints.shared_reads():
+        first = checkpoints.load_state_dict(path)
+        first.pop("a")  # callers get their own dict
+        assert set(checkpoints.load_state_dict(path)) == {"a", "b"}
+    checkpoints.load_state_dict(path)
+    assert len(loads) == 2

@@ -142,3 +142,13 @@ def test_local_policy_offloads_others_only_when_short_of_room():
         offload_frees(c)
     LocalMemory(handle, free_bytes=free_bytes).prepare([unet], working_bytes=50)
     assert moves == [("offload", "text"), ("load", "unet")]  # one offload made enough room; the VAE stays
+
+
+def test_a_half_materialized_component_is_not_resident(tmp_path):
+    path, _ = _file(tmp_path)
+    component = _component(path)
+    component.materialize()
+    component.module.norm.to(torch.device("meta"))
+    assert not component.resident
+    component.load()  # reads everything again
+    assert component.resident and component.module.norm.weight.device == CPU

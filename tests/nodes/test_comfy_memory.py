@@ -99,3 +99,24 @@ class _NoLoad:
 
     def prepare(self, components, working_bytes=0):
         return None
+
+
+def test_two_runs_in_a_row_keep_the_weights(managed):
+    """load_models_gpu detaches a loaded model (unpatch_all=False) before loading it again: not an unload."""
+    model, memory = managed
+    first = P.generate(model, REQUEST, memory=memory).frames
+    torch.testing.assert_close(P.generate(model, REQUEST, memory=memory).frames, first)
+    assert all(c.resident for c in model.handle.components.values())
+
+
+def test_every_component_streamed_gives_the_same_frames(managed):
+    """All three networks (Linear, Conv, norms and CLIP's embeddings) through ComfyUI's cast path."""
+    model, memory = managed
+    before = P.generate(model, REQUEST, memory=memory).frames
+    for name, patcher in memory.patchers.items():
+        patcher.detach()
+        model.handle[name].materialize()
+        patcher.partially_load(management.get_torch_device(), extra_memory=1)
+    embeddings = [m for m in model.text_encoder.modules() if isinstance(m, torch.nn.Embedding)]
+    assert embeddings and all(m.comfy_cast_weights for m in embeddings)
+    torch.testing.assert_close(P.generate(model, REQUEST, memory=_NoLoad()).frames, before)

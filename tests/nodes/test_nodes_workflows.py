@@ -147,6 +147,7 @@ def fake_comfy(tiny_models, tmp_path, monkeypatch):
     management.get_torch_device = lambda: state["device"]
     management.should_use_fp16 = lambda device: False  # as ComfyUI answers for a CPU (or --force-fp32)
     management.should_use_bf16 = lambda device: False
+    management.unet_dtype = lambda device=None, supported_dtypes=(): torch.float32  # a CPU (or --fp32-unet)
     management.unet_offload_device = lambda: torch.device("cpu")
     management.text_encoder_device = lambda: state["device"]
     management.text_encoder_offload_device = lambda: torch.device("cpu")
