@@ -23,8 +23,8 @@ from .schedules import sigma_to_timestep
 
 # (scaled model input, timestep [1] float32 on the input's device, conditioning) -> prediction
 ModelForward = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-# conditionings of the CFG branches -> one batched conditioning (default: torch.cat on dim 0)
-JoinConditioning = Callable[[Sequence[Any]], Any]
+# conditionings of the CFG branches -> one batched conditioning, or None to evaluate them apart
+JoinConditioning = Callable[[Sequence[Any]], Optional[Any]]
 ProgressFn = Callable[[int, int], None]
 
 FLOW_TIMESTEP_MULTIPLIER = 1000.0  # Wan: t = 1000 * sigma (ComfyUI ModelSamplingDiscreteFlow multiplier)
@@ -99,7 +99,8 @@ class Denoiser:
     """D(x, sigma) for the samplers in core.sampling, over a model forward.
 
     `negative` is a function, called once and only when cfg != 1, so a CFG-1 run never encodes
-    the negative prompt. `calls` counts model evaluations (a CFG batch is one evaluation);
+    the negative prompt. The two CFG branches share one batch when `join` can combine their
+    conditionings, else they are evaluated one after the other. `calls` counts model evaluations (a CFG batch is one evaluation);
     `progress(calls, expected_calls)` runs after each evaluation and may raise to cancel.
     """
 
@@ -113,24 +114,32 @@ class Denoiser:
         self.guided = uses_negative(cfg)
         if self.guided and negative is None:
             raise ValueError(f"cfg={cfg} needs a negative conditioning")
-        self.conditioning = join([negative(), positive]) if self.guided else positive
+        self.branches = (negative(), positive) if self.guided else (positive,)
+        self.conditioning = join(list(self.branches)) if self.guided else positive  # None: run the branches apart
         self.model_dtype = model_dtype
         self.progress = progress
         self.expected_calls = expected_calls
-        self.calls = 0
+        self.calls = 0  # evaluations of D (one per step for the samplers here)
+        self.forwards = 0  # model forwards (two per evaluation when the CFG branches cannot share a batch)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         p = self.parameterization
         # sigma stays a 0-dim CPU tensor: arithmetic with it never makes the GPU wait for the CPU
         t = p.timestep(sigma.reshape(1)).to(x.device, non_blocking=True)
         model_input = (x * p.input_scale(sigma)).to(self.model_dtype)
-        if self.guided:
-            model_input = torch.cat([model_input, model_input])
-        prediction = self.forward(model_input, t, self.conditioning).float()
-        if self.guided:
-            uncond, cond = prediction.chunk(2)
+        if not self.guided:
+            prediction = self._forward(model_input, t, self.conditioning)
+        elif self.conditioning is not None:
+            uncond, cond = self._forward(torch.cat([model_input, model_input]), t, self.conditioning).chunk(2)
+            prediction = classifier_free_guidance(uncond, cond, self.cfg)
+        else:
+            uncond, cond = (self._forward(model_input, t, branch) for branch in self.branches)
             prediction = classifier_free_guidance(uncond, cond, self.cfg)
         self.calls += 1
         if self.progress is not None:
             self.progress(self.calls, self.expected_calls)
         return p.denoised(x, sigma, prediction)
+
+    def _forward(self, model_input: torch.Tensor, t: torch.Tensor, conditioning: Any) -> torch.Tensor:
+        self.forwards += 1
+        return self.forward(model_input, t, conditioning).float()

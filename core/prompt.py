@@ -10,7 +10,7 @@ from the empty prompt's embedding at the same position: z = (z - z_empty) * w + 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -106,3 +106,16 @@ def match_lengths(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     lengths = [c.shape[1] for c in contexts]
     target = math.lcm(*lengths)
     return [c.repeat(1, target // c.shape[1], 1) for c in contexts]
+
+
+MAX_CONTEXT_REPEAT = 4  # ComfyUI comfy/conds.py CONDCrossAttn.can_concat: no batch when lcm / shortest > 4
+
+
+def join_contexts(contexts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """One CFG batch of contexts of different lengths, or None when padding them to a common length
+    would cost more than running them apart (a 28-chunk prompt against a 27-chunk negative would
+    repeat both to 756 chunks)."""
+    lengths = [c.shape[1] for c in contexts]
+    if math.lcm(*lengths) // min(lengths) > MAX_CONTEXT_REPEAT:
+        return None
+    return torch.cat(match_lengths(contexts))

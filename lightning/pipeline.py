@@ -17,7 +17,7 @@ from ..core.denoisers import Denoiser, epsilon_prediction, initial_latent, uses_
 from ..core.devices import compute_dtype, resolve_device
 from ..core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError, UnsupportedCheckpointError
 from ..core.model_handle import Component, LocalMemory, MemoryPolicy, ModelHandle
-from ..core.prompt import embedding_names, encode_weighted, match_lengths
+from ..core.prompt import embedding_names, encode_weighted, join_contexts, match_lengths  # noqa: F401
 from ..core.sampling import SAMPLERS, seeded_noise
 from ..core.schedules import discrete_sigmas, sigmas_for_steps
 from ..core.vae import decode_latents
@@ -216,6 +216,7 @@ class GenerationResult:
     settings: V.SamplingSettings
     notes: tuple[str, ...]
     denoiser_calls: int
+    model_forwards: int = 0  # UNet passes (2 per step when the CFG branches cannot share a batch)
 
 
 def validate_request(model: LightningModel, request: GenerationRequest) -> V.CheckedSettings:
@@ -286,7 +287,8 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     decode_cb = (lambda done, _n: progress(settings.steps + -(-done // DECODE_CHUNK), total)) if progress else None
     frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=DECODE_CHUNK, progress=decode_cb,
                             device=vae.load_device)
-    return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=denoiser.calls)
+    return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=denoiser.calls,
+                            model_forwards=denoiser.forwards)
 
 
 def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: V.SamplingSettings,
@@ -305,6 +307,6 @@ def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: 
 
     return Denoiser(
         forward=forward, parameterization=epsilon_prediction(model.model_sigmas), positive=encode(request.prompt),
-        negative=lambda: encode(request.negative), cfg=settings.cfg, join=lambda cs: torch.cat(match_lengths(cs)),
+        negative=lambda: encode(request.negative), cfg=settings.cfg, join=join_contexts,
         model_dtype=model.dtype, progress=progress, expected_calls=settings.steps,
     )

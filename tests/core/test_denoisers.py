@@ -112,3 +112,20 @@ def test_epsilon_parameterization_matches_k_diffusion_scalings():
     assert p.input_scale(sigma) == pytest.approx(float((1 + sigma**2) ** -0.5))
     assert float(p.timestep(sigma.reshape(1))) == pytest.approx(499.0, abs=1e-3)
     assert p.timestep(sigma.reshape(1)).dtype == torch.float32
+
+
+def test_cfg_branches_that_cannot_share_a_batch_run_apart_with_the_same_result():
+    weight = torch.randn(2, 2, generator=torch.Generator().manual_seed(5))
+
+    def forward(x, t, cond):  # a batch-independent model: each item sees only its own conditioning
+        return torch.einsum("ij,bj->bi", weight, x) * cond.reshape(-1, 1)
+
+    def make(join):
+        return denoisers.Denoiser(forward=forward, parameterization=denoisers.flow_prediction(),
+                                  positive=torch.tensor([2.0]), negative=lambda: torch.tensor([0.5]), cfg=3.0,
+                                  join=join)
+
+    x, sigma = torch.randn(1, 2, generator=torch.Generator().manual_seed(6)), torch.tensor(0.7)
+    batched, apart = make(lambda cs: torch.cat(cs)), make(lambda cs: None)
+    torch.testing.assert_close(apart(x, sigma), batched(x, sigma))
+    assert (batched.calls, batched.forwards) == (1, 1) and (apart.calls, apart.forwards) == (1, 2)

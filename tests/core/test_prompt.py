@@ -83,3 +83,15 @@ def test_embeddings_are_left_out_with_a_note(lightning_model):
     quiet = P.generate(lightning_model, P.GenerationRequest(prompt="a fox", negative="embedding:EasyNegative",
                                                             frames=2, width=64, height=64))
     assert quiet.notes == ()  # at cfg 1 the negative is not used, so nothing was left out
+
+
+def test_contexts_are_padded_only_within_comfyuis_bound():
+    from flipbook_pack.core.prompt import join_contexts
+
+    def chunks(n):
+        return torch.randn(1, 77 * n, 8)
+
+    assert join_contexts([chunks(2), chunks(1)]).shape == (2, 154, 8)  # repeated twice: cheap
+    assert join_contexts([chunks(4), chunks(1)]).shape == (2, 308, 8)  # 4x: ComfyUI's limit, still batched
+    assert join_contexts([chunks(5), chunks(1)]) is None  # 5x: run apart
+    assert join_contexts([chunks(28), chunks(27)]) is None  # lcm 756 chunks: run apart

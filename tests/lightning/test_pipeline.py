@@ -182,3 +182,16 @@ def test_timesteps_reach_the_unet_as_float32(lightning_model):
     finally:
         handle.remove()
     assert seen == [torch.float32] * 4
+
+
+def test_prompts_of_very_different_lengths_run_apart_and_give_the_padded_result(lightning_model, monkeypatch):
+    """5 chunks against 1 is past ComfyUI's padding bound: the branches run apart (two forwards a step)
+    and the video equals the one from padding both to a common length."""
+    long_prompt = "fox " * 330  # 330 tokens: 5 chunks of 75
+    request = _request(prompt=long_prompt, negative="blurry", cfg=1.5, seed=2)
+    apart = P.generate(lightning_model, request)
+    monkeypatch.setattr(P, "join_contexts", lambda cs: torch.cat(P.match_lengths(cs)))
+    padded = P.generate(lightning_model, request)
+    torch.testing.assert_close(apart.frames, padded.frames, atol=1e-5, rtol=0)
+    assert apart.denoiser_calls == padded.denoiser_calls == 4
+    assert (apart.model_forwards, padded.model_forwards) == (8, 4)
