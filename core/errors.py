@@ -43,6 +43,10 @@ class ModelFileChangedError(FlipbookError, OSError):
     """A model file was replaced on disk after it was loaded, so its weights cannot be read again."""
 
 
+class NonFiniteResultError(FlipbookError, ValueError):
+    """Sampling or decoding produced NaN/inf (which would be saved as black frames)."""
+
+
 class VideoWriteError(FlipbookError, OSError):
     """A video could not be written; nothing was left behind."""
 

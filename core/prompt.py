@@ -14,6 +14,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .errors import InvalidSettingError
+
+WEIGHT_RANGE = (-10.0, 10.0)  # ComfyUI takes any float; NaN/inf gives black frames, |w| > 10 only noise
 CHUNK_TOKENS = 75  # 77 minus BOS and EOS
 EMBEDDING_PREFIX = "embedding:"  # ComfyUI's textual-inversion syntax, e.g. embedding:EasyNegative
 _OPEN, _CLOSE = "\0\1", "\0\2"  # stand-ins for escaped \( and \)
@@ -47,12 +50,24 @@ def _parse(text: str, weight: float) -> list[tuple[str, float]]:
 
 def _group(inner: str, weight: float) -> list[tuple[str, float]]:
     colon = inner.rfind(":")
-    if colon > 0:
-        try:
-            return _parse(inner[:colon], float(inner[colon + 1:]))
-        except ValueError:
-            pass
-    return _parse(inner, weight * 1.1)
+    explicit = _number(inner[colon + 1:]) if colon > 0 else None
+    if explicit is None:
+        return _parse(inner, weight * 1.1)
+    low, high = WEIGHT_RANGE
+    if not math.isfinite(explicit) or not low <= explicit <= high:
+        raise InvalidSettingError(
+            f"Prompt weight ({_unescape(inner)}) is {explicit}: weights must be finite numbers from {low} to {high} "
+            "(0-2 is usual, 1 = unchanged). Fix the number after the colon."
+        )
+    return _parse(inner[:colon], explicit)
+
+
+def _number(text: str) -> Optional[float]:
+    """The weight after a colon, or None when it is not a number (then '(a:b)' is plain text x1.1, as ComfyUI)."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _unescape(text: str) -> str:

@@ -16,6 +16,7 @@ from ..core.checkpoints import file_fingerprint, load_state_dict, shared_reads
 from ..core.denoisers import Denoiser, epsilon_prediction, initial_latent, uses_negative
 from ..core.devices import compute_dtype, resolve_device
 from ..core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError, UnsupportedCheckpointError
+from ..core.guards import require_finite
 from ..core.model_handle import Component, LocalMemory, MemoryPolicy, ModelHandle
 from ..core.prompt import embedding_names, encode_weighted, join_contexts, match_lengths  # noqa: F401
 from ..core.sampling import SAMPLERS, seeded_noise
@@ -85,6 +86,12 @@ def resolve_variant(variant_id: str, motion_file: str, info: MotionModuleInfo,
         if named is not None and named.id != variant.id:
             notes = (f"{motion_file} is named as {named.label}, but the variant {variant.label} was chosen; "
                      "check that this is intended.",)
+    elif named is None and V.lightning_steps_in_name(motion_file) is not None:
+        raise SettingsMismatchError(
+            f"{motion_file} is named like an AnimateDiff-Lightning {V.lightning_steps_in_name(motion_file)}-step "
+            f"file, but no such variant exists (known: {', '.join(V.VARIANTS)}). Choose the variant on the loader, "
+            "or use the file's original name (animatediff_lightning_{1,2,4,8}step_comfyui.safetensors)."
+        )
     elif named is None and file_size in LIGHTNING_FILE_SIZES:
         raise SettingsMismatchError(
             f"{motion_file} has the size of an AnimateDiff-Lightning file but no step count in its name. Choose its "
@@ -280,6 +287,9 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
                                                               model.dtype, denoiser.guided))
     with motion_scale(model.unet, request.motion_scale):
         latents = SAMPLERS[model.variant.sampler](denoiser, x, sigmas)
+    require_finite(latents, what="sampled latents", likely_causes=(
+        f"NaN/inf weights in {model.checkpoint_name} or {model.motion_name} (download the file again), or a "
+        f"{str(model.dtype).removeprefix('torch.')} overflow in the UNet (try ComfyUI's --force-fp32)"))
     frames_latents = latents[0].permute(1, 0, 2, 3)  # [F, C, h, w]
     vae = model.handle["vae"]
     memory.prepare([vae], vae_working_bytes(min(request.frames, DECODE_CHUNK), request.height, request.width,
@@ -287,6 +297,9 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     decode_cb = (lambda done, _n: progress(settings.steps + -(-done // DECODE_CHUNK), total)) if progress else None
     frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=DECODE_CHUNK, progress=decode_cb,
                             device=vae.load_device)
+    require_finite(frames, what="decoded frames", likely_causes=(
+        f"NaN/inf weights in the VAE of {model.checkpoint_name}, or an overflow that decoding again in float32 "
+        "did not cure"))
     return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=denoiser.calls,
                             model_forwards=denoiser.forwards)
 

@@ -118,12 +118,16 @@ def get_variant(variant_id: str) -> Variant:
     return VARIANTS[variant_id]
 
 
-def variant_from_filename(file_name: str) -> Optional[Variant]:
-    """Lightning files carry their step count in the name (animatediff_lightning_4step_*.safetensors)."""
+def lightning_steps_in_name(file_name: str) -> Optional[int]:
+    """The step count a Lightning-style name states (animatediff_lightning_4step_*.safetensors -> 4)."""
     match = _LIGHTNING_NAME.search(file_name)
-    if match is None:
-        return None
-    return VARIANTS.get(f"lightning_{int(match.group(1))}step")
+    return int(match.group(1)) if match else None
+
+
+def variant_from_filename(file_name: str) -> Optional[Variant]:
+    """Lightning files carry their step count in the name; None when the name states none or an unknown one."""
+    steps = lightning_steps_in_name(file_name)
+    return None if steps is None else VARIANTS.get(f"lightning_{steps}step")
 
 
 @dataclass(frozen=True)

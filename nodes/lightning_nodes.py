@@ -1,6 +1,8 @@
 """AnimateDiff-Lightning nodes: a loader and a sampler. Thin adapters over lightning.pipeline."""
 from __future__ import annotations
 
+import math
+
 from ..lightning import variants as V
 from . import _comfy
 from .specs import NodeResult, NodeSpec, Param
@@ -28,6 +30,37 @@ def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, sc
     result = generate(model, request, progress=_comfy.progress_reporter(steps), memory=_comfy.memory_for(model.handle))
     notes = [*model.notes, *result.notes]
     return NodeResult((result.frames,), {"flipbook_notes": notes} if notes else None)
+
+
+def _check_sample(cls, prompt=None, negative=None, cfg=None, motion_scale=None):
+    """When queued, before any node runs: NaN/inf numbers (they pass every min/max comparison) and prompt
+    weights such as (fox:nan). ComfyUI skips its own type/range checks for inputs a validator names, so
+    they are repeated here. Values arriving through links are checked at run time instead."""
+    from ..core.errors import InvalidSettingError
+    from ..core.prompt import parse_weights
+
+    problems = []
+    for name, value in (("cfg", cfg), ("motion_scale", motion_scale)):
+        low, high = _option(name, "min"), _option(name, "max")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name}={value!r} is not a number; use {low}-{high}")
+        elif not math.isfinite(value) or not low <= value <= high:
+            problems.append(f"{name}={value} must be a finite number from {low} to {high}")
+    for name, text in (("prompt", prompt), ("negative", negative)):
+        if text is not None and not isinstance(text, str):
+            problems.append(f"{name} must be text, got {type(text).__name__}")
+        elif text:
+            try:
+                parse_weights(text)
+            except InvalidSettingError as exc:
+                problems.append(f"{name}: {exc}")
+    return True if not problems else "; ".join(problems)
+
+
+def _option(name: str, key: str):
+    return next(p.options[key] for p in SAMPLER.inputs if p.name == name)
 
 
 LOADER = NodeSpec(
@@ -80,6 +113,7 @@ SAMPLER = NodeSpec(
     ),
     outputs=(("IMAGE", "frames"),),
     run=_sample,
+    validate=_check_sample,
 )
 
 SPECS = (LOADER, SAMPLER)

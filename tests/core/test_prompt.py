@@ -95,3 +95,17 @@ def test_contexts_are_padded_only_within_comfyuis_bound():
     assert join_contexts([chunks(4), chunks(1)]).shape == (2, 308, 8)  # 4x: ComfyUI's limit, still batched
     assert join_contexts([chunks(5), chunks(1)]) is None  # 5x: run apart
     assert join_contexts([chunks(28), chunks(27)]) is None  # lcm 756 chunks: run apart
+
+
+@pytest.mark.parametrize("text", ["a (fox:nan) in snow", "(fox:inf)", "(fox:-inf)", "(fox:1e30)", "((fox:11))"])
+def test_weights_must_be_finite_and_in_range(text):
+    from flipbook_pack.core.errors import InvalidSettingError
+
+    with pytest.raises(InvalidSettingError, match=r"must be finite numbers from -10.0 to 10.0 \(0-2 is usual"):
+        parse_weights(text)
+
+
+def test_in_range_and_non_numeric_weights_still_parse_as_comfyui():
+    assert parse_weights("(fox:-0.5)") == [("fox", -0.5)]
+    assert parse_weights("(fox:10)") == [("fox", 10.0)]
+    assert parse_weights("(a:b)") == [("a:b", pytest.approx(1.1))]  # not a number: plain text, x1.1

@@ -195,3 +195,32 @@ def test_prompts_of_very_different_lengths_run_apart_and_give_the_padded_result(
     torch.testing.assert_close(apart.frames, padded.frames, atol=1e-5, rtol=0)
     assert apart.denoiser_calls == padded.denoiser_calls == 4
     assert (apart.model_forwards, padded.model_forwards) == (8, 4)
+
+
+def test_a_nan_prompt_weight_is_refused_before_anything_runs(lightning_model, monkeypatch):
+    monkeypatch.setattr(P, "encode_weighted", lambda *a, **k: pytest.fail("encoded despite a bad prompt"))
+    with pytest.raises(InvalidSettingError, match=r"Prompt weight \(fox:nan\) is nan"):
+        P.generate(lightning_model, _request(prompt="a (fox:nan) running"))
+
+
+def test_nan_weights_in_a_checkpoint_give_a_typed_error_not_black_frames(tiny_models, tmp_path):
+    from flipbook_pack.core.errors import NonFiniteResultError
+    from flipbook_pack.lightning import tiny_models as T
+
+    _, files = tiny_models
+    state = T.tiny_sd15_state_dict()
+    state["model.diffusion_model.out.2.weight"][0, 0, 0, 0] = float("nan")
+    broken = T.write_safetensors(state, tmp_path / "broken.safetensors")
+    model = P.load_lightning(broken, files["original"], device="cpu")
+    with pytest.raises(NonFiniteResultError, match=r"sampled latents contain \d+ NaN/infinite values.*broken"
+                                                    r"\.safetensors"):
+        P.generate(model, _request())
+
+
+def test_a_lightning_name_with_an_unknown_step_count_is_refused(tiny_models, tmp_path):
+    import shutil
+
+    _, files = tiny_models
+    renamed = shutil.copy(files["original"], tmp_path / "animatediff_lightning_3step_comfyui.safetensors")
+    with pytest.raises(SettingsMismatchError, match=r"3-step file, but no such variant exists \(known: lightning_1step"):
+        P.load_lightning(files["ckpt"], renamed, device="cpu")

@@ -132,3 +132,25 @@ def test_animatediff_folder_is_added_even_when_already_registered(monkeypatch):
     _comfy.register_model_folders()
     paths, extensions = registry["animatediff_models"]
     assert paths == ["/elsewhere/animatediff", "/comfy/models/animatediff_models"] and ".safetensors" in extensions
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("cfg", float("nan"), "cfg=nan must be a finite number from 0.0 to 30.0"),
+    ("cfg", float("inf"), "cfg=inf must be a finite number"),
+    ("cfg", "abc", "cfg='abc' is not a number"),
+    ("motion_scale", float("nan"), "motion_scale=nan must be a finite number from 0.5 to 1.5"),
+    ("motion_scale", 3.0, "motion_scale=3.0 must be a finite number"),
+    ("prompt", "a (fox:nan)", r"prompt: Prompt weight \(fox:nan\) is nan"),
+    ("prompt", 5, "prompt must be text, got int"),
+])
+def test_sampler_numbers_and_prompt_weights_are_checked_when_queued(name, value, match):
+    prompt = workflow_to_prompt(WORKFLOW, NODE_CLASS_MAPPINGS)
+    prompt["2"]["inputs"][name] = value
+    with pytest.raises(WorkflowError, match=match):
+        validate_prompt(prompt, NODE_CLASS_MAPPINGS)
+
+
+def test_sane_sampler_inputs_pass_the_queue_check():
+    check = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"].VALIDATE_INPUTS
+    assert check(prompt="a (fox:1.2) in snow", negative="", cfg=1.5, motion_scale=1.0) is True
+    assert check() is True  # everything linked: checked at run time
