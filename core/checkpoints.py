@@ -6,11 +6,13 @@ torch.load(weights_only=True) and anything that needs more is refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterator, Optional
 
 import torch
@@ -40,17 +42,45 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptFileError(_corrupt(path, f"its header is not valid JSON ({exc})")) from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(_corrupt(path, f"its header is a JSON {type(header).__name__}, not an object"))
     data_size = size - 8 - header_len
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        end = info.get("data_offsets", [0, 0])[1] if isinstance(info, dict) else None
-        if end is None or end > data_size:
-            raise CorruptFileError(
-                _corrupt(path, f"tensor {name!r} ends at byte {end} but only {data_size} data bytes exist "
-                         "(the download was probably cut short)")
-            )
+        problem = _metadata_problem(info) if name == "__metadata__" else _entry_problem(info, data_size)
+        if problem:
+            raise CorruptFileError(_corrupt(path, f"{'its __metadata__' if name == '__metadata__' else repr(name)} "
+                                                  f"{problem}"))
     return header
+
+
+# bytes per element of each safetensors dtype (huggingface/safetensors docs, "Format")
+DTYPE_SIZES = MappingProxyType({"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8})
+
+
+def _entry_problem(info: Any, data_size: int) -> Optional[str]:
+    """Why a tensor entry is malformed, or None: {dtype, shape, data_offsets [begin, end]} inside the data."""
+    if not isinstance(info, dict) or info.get("dtype") not in DTYPE_SIZES:
+        return f"has no known dtype (got {info.get('dtype') if isinstance(info, dict) else info!r})"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return f"has a malformed shape {shape!r}"
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        return f"has malformed data_offsets {offsets!r}"
+    begin, end = offsets
+    if not 0 <= begin <= end or end > data_size:
+        return (f"ends at byte {end} but only {data_size} data bytes exist (the download was probably cut short)"
+                if end > data_size else f"has data_offsets {offsets} out of order")
+    if end - begin != math.prod(shape) * DTYPE_SIZES[info["dtype"]]:
+        return f"holds {end - begin} bytes but its shape {shape} in {info['dtype']} needs a different size"
+    return None
+
+
+def _metadata_problem(metadata: Any) -> Optional[str]:
+    if isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        return None
+    return "is not a map of text to text"
 
 
 _shared: Optional[dict[Path, dict[str, torch.Tensor]]] = None  # set inside `shared_reads()`
@@ -118,11 +148,12 @@ def _load_weights_only_pickle(path: Path) -> dict[str, torch.Tensor]:
     _require_file(path)
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
+        # torch's own text (with its advice to turn the safety check off) is deliberately not repeated
         raise UnsafeFileError(
-            f"{path.name} is a pickle that needs code beyond plain tensors to load ({exc}). Flipbook never "
-            "runs code from model files. Use the .safetensors release of this model, or convert the file "
-            "in a trusted environment."
+            f"{path.name} is a pickle that would run code when loaded (it holds more than plain tensors), so "
+            "Flipbook refuses it. Download the model's .safetensors file instead (the same model is published "
+            "as .safetensors on its model page), and delete this file if you do not trust its source."
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CorruptFileError(_corrupt(path, str(exc))) from None

@@ -53,7 +53,22 @@ def inspect_sd15_checkpoint(path: str | Path) -> SD15Layout:
     family = detect_base_family(state)
     if family != "sd15":
         raise UnsupportedCheckpointError(_family_message(path.name, family))
-    original = infer_original_config(state)
+    _check_parts(path.name, state)
+    try:
+        original = infer_original_config(state)
+        text_config = _text_config(state)
+    except (KeyError, StopIteration) as exc:
+        raise UnsupportedCheckpointError(
+            f"{path.name} lacks tensors every SD1.5 checkpoint has (e.g. {exc}); it may be pruned or damaged. "
+            "Download the checkpoint again or use another SD1.5 checkpoint."
+        ) from None
+    context = original["model"]["params"]["unet_config"]["params"]["context_dim"]
+    if context != text_config["hidden_size"]:
+        raise UnsupportedCheckpointError(
+            f"{path.name}: its UNet's cross-attention expects {context}-wide text embeddings, but its text encoder "
+            f"gives {text_config['hidden_size']} (SD1.5 uses 768 for both). The file mixes parts of different "
+            "models; use an unmodified SD1.5 checkpoint."
+        )
     channels = original["model"]["params"]["unet_config"]["params"]["in_channels"]
     if channels != 4:
         raise UnsupportedCheckpointError(
@@ -64,9 +79,17 @@ def inspect_sd15_checkpoint(path: str | Path) -> SD15Layout:
         path=path, fingerprint=fingerprint, original_config=original,
         unet_config=create_unet_diffusers_config_from_ldm(original, state),
         vae_config=create_vae_diffusers_config_from_ldm(original, state),
-        text_config=_text_config(state),
+        text_config=text_config,
         scaling_factor=float(original["model"]["params"]["scale_factor"]),
     )
+
+
+def _check_parts(name: str, state: Mapping[str, torch.Tensor]) -> None:
+    if not any(k.startswith(VAE_PREFIX) for k in state):
+        raise UnsupportedCheckpointError(
+            f"{name} has no baked-in VAE (no '{VAE_PREFIX}*' tensors). Use a checkpoint that includes its VAE, "
+            "e.g. v1-5-pruned-emaonly-fp16.safetensors, or a version of this model 'with VAE'."
+        )
 
 
 def _family_message(name: str, family: str) -> str:

@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from flipbook_pack.core import checkpoints
 from flipbook_pack.core.errors import (CorruptFileError, ModelFileNotFoundError, UnsafeFileError,
@@ -38,8 +39,11 @@ class _Evil:
 def test_pickles_with_code_are_refused_and_plain_tensor_pickles_load(tmp_path):
     evil = tmp_path / "mm_evil.ckpt"
     evil.write_bytes(pickle.dumps({"x": _Evil()}))
-    with pytest.raises(UnsafeFileError, match="never runs code"):
+    with pytest.raises(UnsafeFileError, match="would run code when loaded") as info:
         checkpoints.load_state_dict(evil)
+    message = str(info.value)
+    assert "\n" not in message and "\x1b" not in message and "weights_only" not in message  # one clean line
+    assert ".safetensors" in message
     plain = tmp_path / "mm_plain.ckpt"
     torch.save({"state_dict": {"a": torch.ones(2)}}, plain)
     assert torch.equal(checkpoints.load_state_dict(plain)["a"], torch.ones(2))
@@ -95,3 +99,46 @@ def test_shared_reads_unpickle_a_ckpt_once(tmp_path, monkeypatch):
         assert set(checkpoints.load_state_dict(path)) == {"a", "b"}
     checkpoints.load_state_dict(path)
     assert len(loads) == 2
+
+
+def _safetensors_bytes(header) -> bytes:
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + bytes(16)
+
+
+@pytest.mark.parametrize("header,match", [
+    ([1, 2, 3], "header is a JSON list, not an object"),
+    ("text", "header is a JSON str"),
+    ({"w": [1]}, "'w' has no known dtype"),
+    ({"w": {"dtype": "F99", "shape": [2], "data_offsets": [0, 4]}}, "no known dtype"),
+    ({"w": {"dtype": "F16", "shape": "2", "data_offsets": [0, 4]}}, "malformed shape"),
+    ({"w": {"dtype": "F16", "shape": [2], "data_offsets": [4]}}, "malformed data_offsets"),
+    ({"w": {"dtype": "F16", "shape": [2], "data_offsets": [4, 0]}}, "out of order"),
+    ({"w": {"dtype": "F16", "shape": [2], "data_offsets": [0, 400]}}, "cut short"),
+    ({"w": {"dtype": "F16", "shape": [3], "data_offsets": [0, 4]}}, "needs a different size"),
+    ({"__metadata__": {"a": 1}}, "__metadata__ is not a map of text to text"),
+])
+def test_malformed_headers_are_typed_errors(tmp_path, header, match):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_safetensors_bytes(header))
+    with pytest.raises(CorruptFileError, match=match):
+        checkpoints.read_safetensors_header(path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=200), header=st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12))
+def test_any_bytes_give_a_header_or_a_typed_error(tmp_path, data, header):
+    for content in (data, _safetensors_bytes(header)):
+        path = tmp_path / "any.safetensors"
+        path.write_bytes(content)
+        try:
+            found = checkpoints.read_safetensors_header(path)
+        except CorruptFileError:
+            continue
+        assert isinstance(found, dict)

@@ -1,7 +1,10 @@
 """core/prompt.py: ComfyUI prompt syntax: weights, escapes, 75-token chunks, and length matching for CFG."""
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 from flipbook_pack.lightning import pipeline as P
@@ -109,3 +112,16 @@ def test_in_range_and_non_numeric_weights_still_parse_as_comfyui():
     assert parse_weights("(fox:-0.5)") == [("fox", -0.5)]
     assert parse_weights("(fox:10)") == [("fox", 10.0)]
     assert parse_weights("(a:b)") == [("a:b", pytest.approx(1.1))]  # not a number: plain text, x1.1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab (:)\\1.5-einf", max_size=40))
+def test_any_prompt_parses_to_finite_weights_or_a_typed_error(text):
+    from flipbook_pack.core.errors import InvalidSettingError
+
+    try:
+        parts = parse_weights(text)
+    except InvalidSettingError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert all(isinstance(part, str) and math.isfinite(weight) for part, weight in parts)

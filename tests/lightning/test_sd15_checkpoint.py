@@ -111,3 +111,16 @@ def test_inpainting_checkpoints_are_refused_at_load(tmp_path):
     state[key] = torch.randn(state[key].shape[0], 9, 3, 3)
     with pytest.raises(UnsupportedCheckpointError, match="inpainting"):
         S.load_sd15_checkpoint(T.write_safetensors(state, tmp_path / "inpaint.safetensors"))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda s: {k: v for k, v in s.items() if not k.startswith(S.VAE_PREFIX)}, "has no baked-in VAE"),
+    (lambda s: {k: v for k, v in s.items() if k != S.UNET_PREFIX + "out.2.weight"}, "lacks tensors every SD1.5"),
+    (lambda s: {**s, **{k: torch.randn(v.shape[0], 48) for k, v in s.items()
+                        if k.startswith(S.UNET_PREFIX) and k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}},
+     "expects 48-wide text embeddings, but its text encoder gives 32"),
+])
+def test_broken_checkpoints_are_typed_errors_at_load(tmp_path, change, match):
+    path = T.write_safetensors(change(T.tiny_sd15_state_dict()), tmp_path / "broken.safetensors")
+    with pytest.raises(UnsupportedCheckpointError, match=match):
+        S.inspect_sd15_checkpoint(path)
