@@ -118,6 +118,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FlipbookError, OSError, json.JSONDecodeError) as exc:
         sys.stderr.write(f"flipbook: {exc}\n")  # typed errors already say what to do; no traceback
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("flipbook: interrupted; nothing was saved from the unfinished run\n")
+        return 130  # 128 + SIGINT, as shells report it
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from typing import Any, Mapping
 
 from ..core.errors import WorkflowError
@@ -145,10 +146,32 @@ def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
 
 
+_CONVERT = {"INT": int, "FLOAT": float}
+
+
+def _coerce(name: str, spec: tuple, value: Any) -> tuple[Any, list[str]]:
+    """The value as ComfyUI's validation converts it (int(), float()), or why it cannot be: types before ranges."""
+    kind = spec[0]
+    if isinstance(kind, str) and kind in _CONVERT:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return value, [f"{name}={value!r} is not a number ({kind})"]
+        try:
+            return _CONVERT[kind](value), []
+        except (TypeError, ValueError, OverflowError):
+            return value, [f"{name}={value!r} is not a number ({kind})"]
+    if kind == "STRING" and not isinstance(value, str):
+        return value, [f"{name}={value!r} is not text; give a string (\"\" for none)"]
+    if kind == "BOOLEAN" and not isinstance(value, bool):
+        return value, [f"{name}={value!r} is not true or false"]
+    return value, []
+
+
 def _widget_errors(name: str, spec: tuple, value: Any) -> list[str]:
     if isinstance(spec[0], (list, tuple)):
         return [] if value in spec[0] else [f"{name}={value!r} is not one of {list(spec[0])[:8]}"]
     options = spec[1] if len(spec) > 1 else {}
+    if spec[0] == "FLOAT" and isinstance(value, float) and not math.isfinite(value):
+        return [f"{name}={value} is not a finite number"]
     if spec[0] in ("INT", "FLOAT") and isinstance(value, (int, float)):
         if "min" in options and value < options["min"] or "max" in options and value > options["max"]:
             return [f"{name}={value} is outside {options.get('min')}-{options.get('max')}"]
@@ -161,11 +184,14 @@ def validate_prompt(prompt: Mapping[str, dict], mappings: Mapping[str, type]) ->
     for node_id, entry in prompt.items():
         node_class = mappings[entry["class_type"]]
         inputs = entry["inputs"]
+        found_here = []
         for name, spec in _ordered_inputs(node_class):
             if name in inputs and not _is_link(inputs[name]) and _is_widget(spec):
-                problems += [f"node {node_id} ({entry['class_type']}): {p}" for p in _widget_errors(name, spec, inputs[name])]
+                inputs[name], found = _coerce(name, spec, inputs[name])
+                found_here += found or _widget_errors(name, spec, inputs[name])
+        problems += [f"node {node_id} ({entry['class_type']}): {p}" for p in found_here]
         validator = getattr(node_class, "VALIDATE_INPUTS", None)
-        if validator is not None:
+        if validator is not None and not found_here:  # a node's own checks assume the types are right
             wanted = inspect.getfullargspec(validator).args
             verdict = validator(**{k: v for k, v in inputs.items() if k in wanted and not _is_link(v)})
             if verdict is not True:
