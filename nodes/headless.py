@@ -197,7 +197,7 @@ def validate_prompt(prompt: Mapping[str, dict], mappings: Mapping[str, type]) ->
             if verdict is not True:
                 problems.append(f"node {node_id} ({entry['class_type']}): {verdict}")
     if problems:
-        raise WorkflowError("The workflow failed validation, nothing was run:\n- " + "\n- ".join(problems))
+        raise WorkflowError("The workflow failed validation, nothing was run: " + "; ".join(problems))
 
 
 def _order(prompt: Mapping[str, dict]) -> list[str]:

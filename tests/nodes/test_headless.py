@@ -192,3 +192,29 @@ def test_ctrl_c_in_the_cli_is_one_line(monkeypatch, capsys):
     assert cli.main(["run", "x.json", "--models", "m"]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory):
+    models = tmp_path_factory.mktemp("demo_models")
+    cli.write_demo_models(models, WORKFLOW)
+    return models
+
+
+@pytest.mark.parametrize("override,match", [
+    ("FlipbookLightningSampler.prompt=a (fox:nan) running", "Prompt weight"),
+    ("FlipbookLightningSampler.cfg=NaN", "cfg=nan"),
+    ("FlipbookLightningSampler.steps=four", "steps='four' is not a number"),
+    ("FlipbookLightningSampler.negative=null", "negative=None is not text"),
+    ("FlipbookSaveVideo.crf=abc", "crf='abc' is not a number"),
+    ("FlipbookSaveVideo.fps=Infinity", "fps=inf"),
+])
+def test_bad_inputs_on_the_demo_models_are_one_line_and_write_nothing(demo_models, tmp_path, capsys, override,
+                                                                      match):
+    out = tmp_path / "out"
+    code = cli.main(["run", "lightning_4step_t2v.json", "--models", str(demo_models), "--output-dir", str(out),
+                     "--set", "FlipbookLightningSampler.width=64", "--set", "FlipbookLightningSampler.height=64",
+                     "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists() or not any(out.rglob("*"))
