@@ -53,3 +53,10 @@ class VideoWriteError(FlipbookError, OSError):
 
 class WorkflowError(FlipbookError, ValueError):
     """A workflow JSON cannot be run headless (unknown node, bad link, bad override)."""
+
+
+class FilenamePrefixError(InvalidSettingError, VideoWriteError):
+    """A filename_prefix no file can be saved under (leaves the output folder, NUL byte, too long).
+
+    Also a VideoWriteError, which is what such prefixes raised before they were checked when queued.
+    """

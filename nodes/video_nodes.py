@@ -2,10 +2,17 @@
 ComfyUI's native VIDEO, and load a video file into frames."""
 from __future__ import annotations
 
+import math
+
 from ..core.media.metadata import build_metadata
+from ..core.media.temp_files import install_signal_cleanup
 from ..core.media.writers import FORMATS as OUTPUT_FORMATS
 from . import _comfy
 from .specs import NodeResult, NodeSpec, Param
+
+# ComfyUI imports node packs on its main thread but runs nodes on a worker thread, where signal
+# handlers cannot be installed: install now, so SIGTERM does not leave a save's .partial files behind.
+install_signal_cleanup()
 
 FORMAT_HELP = ("mp4: H.264, plays everywhere. webm: VP9. webp: animated WebP. png: APNG (a PNG for 1 frame). "
                "gif: cannot carry a workflow, so a .png sidecar with the first frame is written next to it. "
@@ -13,12 +20,22 @@ FORMAT_HELP = ("mp4: H.264, plays everywhere. webm: VP9. webp: animated WebP. pn
 
 
 def _audio_track(audio):
-    """ComfyUI AUDIO {'waveform': [B, C, T], 'sample_rate'} -> core AudioTrack (first batch item)."""
+    """ComfyUI AUDIO {'waveform': [B, C, T], 'sample_rate'} -> core AudioTrack (first batch item).
+
+    The save checks the samples and the rate; only the batch dimension is ComfyUI's, so it is checked here.
+    """
+    from ..core.errors import InvalidSettingError
     from ..core.media.save import AudioTrack
 
     if audio is None:
         return None
-    return AudioTrack(samples=audio["waveform"][0].float().cpu().numpy(), sample_rate=int(audio["sample_rate"]))
+    waveform = audio.get("waveform") if isinstance(audio, dict) else None
+    shape = list(getattr(waveform, "shape", ()))
+    if waveform is None or len(shape) != 3 or shape[0] < 1:
+        got = f"a waveform of shape {shape}" if waveform is not None else f"{type(audio).__name__} without 'waveform'"
+        raise InvalidSettingError(f"AUDIO has {got}, but ComfyUI's AUDIO waveform is [batch, channels, samples]; "
+                                  "fix the node that made it (a [channels, samples] waveform needs .unsqueeze(0)).")
+    return AudioTrack(samples=waveform[0].float().cpu().numpy(), sample_rate=audio.get("sample_rate"))
 
 
 def _frames_of(images, video, fps, audio):
@@ -56,27 +73,65 @@ PIX_FMTS = tuple(dict.fromkeys(p for fmt in OUTPUT_FORMATS.values() for p in fmt
 CRF_RANGE = (0, max(fmt.crf_max or 0 for fmt in OUTPUT_FORMATS.values()))
 
 
+FPS_RANGE = (0.1, 240.0)
+
+
 def _fps(tooltip: str) -> Param:
-    return Param("fps", "FLOAT", tooltip, {"default": 8.0, "min": 0.1, "max": 240.0, "step": 0.1, "round": 0.001})
+    return Param("fps", "FLOAT", tooltip,
+                 {"default": 8.0, "min": FPS_RANGE[0], "max": FPS_RANGE[1], "step": 0.1, "round": 0.001})
 
 
-def _check_save(cls, format=None, crf=None, pix_fmt=None):
-    """Before the run: a crf or pix_fmt the chosen format cannot take would otherwise fail only after
-    the (long) generation. ComfyUI skips its own list/range checks for inputs a validator names, so
-    they are repeated here. Values arriving through links are checked at run time instead."""
+def _check_save(cls, filename_prefix=None, fps=None, format=None, crf=None, pix_fmt=None):
+    """Before the run: a prefix no file can be saved under, or a crf or pix_fmt the chosen format cannot
+    take, would otherwise fail only after the (long) generation. ComfyUI skips its own list/range
+    checks for inputs a validator names, so they are repeated here. Values arriving through links
+    (None here) are checked at run time instead."""
+    problems = [_prefix_problem(filename_prefix), _fps_problem(fps), *_format_problems(format, crf, pix_fmt)]
+    problems = [problem for problem in problems if problem]
+    return " | ".join(problems) if problems else True
+
+
+def _prefix_problem(filename_prefix):
+    from ..core.errors import FilenamePrefixError
+    from ..core.media.files import check_filename_prefix
+
+    if filename_prefix is None:
+        return None
+    try:
+        check_filename_prefix(filename_prefix)
+    except FilenamePrefixError as exc:
+        return str(exc)
+    return None
+
+
+def _fps_problem(fps):
+    if fps is None:
+        return None
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)):
+        return f"fps={fps!r} is not a number; give the frames per second, e.g. 8 or 16."
+    if not (math.isfinite(fps) and FPS_RANGE[0] <= fps <= FPS_RANGE[1]):
+        return f"fps={fps} must be a finite number from {FPS_RANGE[0]} to {FPS_RANGE[1]}, e.g. 8, 16 or 23.976."
+    return None
+
+
+def _format_problems(format, crf, pix_fmt) -> list:
     from ..core.errors import InvalidSettingError
     from ..core.media.save import check_format_settings
 
-    if None in (format, crf, pix_fmt):
-        return True
-    if format not in FORMATS or pix_fmt not in PIX_FMTS or not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
-        return (f"format must be one of {', '.join(FORMATS)}, pix_fmt one of {', '.join(PIX_FMTS)}, crf "
-                f"{CRF_RANGE[0]}-{CRF_RANGE[1]}; got {format!r}, {pix_fmt!r}, {crf}.")
+    problems = []
+    if format is not None and format not in FORMATS:
+        problems.append(f"format={format!r} is not one of {', '.join(FORMATS)}.")
+    if pix_fmt is not None and pix_fmt not in PIX_FMTS:
+        problems.append(f"pix_fmt={pix_fmt!r} is not one of {', '.join(PIX_FMTS)}.")
+    if crf is not None and (isinstance(crf, bool) or not isinstance(crf, int) or not CRF_RANGE[0] <= crf <= CRF_RANGE[1]):
+        problems.append(f"crf={crf!r} must be a whole number from {CRF_RANGE[0]} to {CRF_RANGE[1]}.")
+    if problems or None in (format, crf, pix_fmt):
+        return problems
     try:
         check_format_settings(format, crf, pix_fmt)
     except InvalidSettingError as exc:
-        return str(exc)
-    return True
+        return [str(exc)]
+    return []
 
 
 def _check_load(cls, video=None):

@@ -1,31 +1,85 @@
-"""Atomic, never-overwriting output files named the way ComfyUI names them."""
+"""Atomic, never-overwriting output files named the way ComfyUI names them, and the rules a
+filename_prefix must follow (checked when the workflow is queued and again when saving)."""
 from __future__ import annotations
 
 import os
 import re
-import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, Optional
 
-from ..errors import VideoWriteError
+from ..errors import FilenamePrefixError, VideoWriteError
+from .temp_files import longest_temp_name, sweep_stale, temp_file
 
-_SAFE_PREFIX = re.compile(r"^[^\x00]+$")
+NAME_MAX = 255  # bytes in one file name: ext4, XFS, btrfs, ZFS, APFS (NTFS: 255 UTF-16 units)
+LONGEST_SUFFIX = ".webm"  # names are checked for the longest format's suffix, so any format fits
+SIDECAR_SUFFIX = ".png"
+_COUNTER_WIDTH = 7  # room for counters up to 9,999,999 (they start at 5 digits: 00001)
+_EXAMPLE = "use a name relative to the output folder, such as 'flipbook/clip'"
+
+
+def _shown(text: str) -> str:
+    """The prefix as messages quote it: escaped, and cut short when long, so the message stays one line."""
+    return repr(text) if len(text) <= 60 else f"{text[:40]!r}… ({len(os.fsencode(text))} bytes)"
+
+
+def _names_for(base: str) -> list[str]:
+    """The longest names a save under `base` creates: the video, its sidecar and their temp files."""
+    stem = f"{base}_{'9' * _COUNTER_WIDTH}_"
+    return [stem + LONGEST_SUFFIX, f"{stem}.workflow99{SIDECAR_SUFFIX}",
+            longest_temp_name(base, LONGEST_SUFFIX), longest_temp_name(base, SIDECAR_SUFFIX)]
+
+
+def max_name_bytes() -> int:
+    """How long (UTF-8 bytes) the name part of a prefix may be."""
+    return NAME_MAX - max(len(name) for name in _names_for(""))
+
+
+def check_filename_prefix(filename_prefix: str) -> tuple[str, str]:
+    """(subfolder, base name) of a prefix like 'flipbook/cat', or a FilenamePrefixError saying which rule it breaks.
+
+    The node's validator calls this when the workflow is queued and the save calls it again, so a
+    prefix is judged by the same rules both times, before anything is written.
+    """
+    if not isinstance(filename_prefix, str):
+        raise FilenamePrefixError(f"filename_prefix must be text, got {type(filename_prefix).__name__}; {_EXAMPLE}.")
+    prefix = filename_prefix.strip().replace("\\", "/") or "flipbook"
+    shown = _shown(filename_prefix)
+    if "\x00" in prefix:
+        raise FilenamePrefixError(f"filename_prefix {shown} contains a NUL byte (\\x00), which no file name can "
+                                  "hold; remove it.")
+    if prefix.startswith("/") or re.match(r"[A-Za-z]:", prefix):
+        raise FilenamePrefixError(f"filename_prefix {shown} is an absolute path; {_EXAMPLE}.")
+    parts = prefix.split("/")
+    if ".." in parts:
+        raise FilenamePrefixError(f"filename_prefix {shown} contains '..', which would leave the output folder; "
+                                  f"{_EXAMPLE}, without '..'.")
+    subfolder, base = "/".join(parts[:-1]), parts[-1] or "flipbook"
+    for part in parts[:-1]:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise FilenamePrefixError(f"filename_prefix {shown}: the folder name {_shown(part)} is over the "
+                                      f"{NAME_MAX}-byte limit of file names; shorten it.")
+    size, limit = len(os.fsencode(base)), max_name_bytes()
+    if size > limit:
+        raise FilenamePrefixError(
+            f"filename_prefix {shown}: its name part is {size} bytes, but at most {limit} fit, so that the "
+            f"saved file, its sidecar and their temporary '.NAME.….partial.ext' files stay within the "
+            f"{NAME_MAX}-byte limit of file names; shorten the part after the last '/'.")
+    return subfolder, base
 
 
 def output_folder(output_dir: Path, filename_prefix: str) -> tuple[Path, str, str]:
     """(folder, base name, subfolder) for a prefix like 'flipbook/cat'; refuses paths leaving output_dir."""
-    prefix = filename_prefix.strip().replace("\\", "/") or "flipbook"
-    if not _SAFE_PREFIX.match(prefix) or prefix.startswith("/") or ".." in prefix.split("/"):
-        raise VideoWriteError(f"filename_prefix {filename_prefix!r} must be a relative name inside the output folder.")
-    subfolder, _, base = prefix.rpartition("/")
+    subfolder, base = check_filename_prefix(filename_prefix)
     folder = (output_dir / subfolder).resolve()
-    if output_dir.resolve() not in (folder, *folder.parents):
-        raise VideoWriteError(f"filename_prefix {filename_prefix!r} points outside the output folder.")
-    return folder, base or "flipbook", subfolder
+    if output_dir.resolve() not in (folder, *folder.parents):  # a symbolic link inside the output folder
+        raise FilenamePrefixError(f"filename_prefix {_shown(filename_prefix)} leads outside the output folder "
+                                  f"(to {folder}) through a symbolic link; use a folder that stays inside it.")
+    return folder, base, subfolder
 
 
-def _next_counter(folder: Path, base: str, suffix: str) -> int:
+def _next_counter(folder: Path, base: str) -> int:
     """One counter for every format (as ComfyUI's own savers share it), so sidecars never collide."""
     pattern = re.compile(re.escape(base) + r"_(\d{5,})_\.")
     numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := pattern.match(name))]
@@ -46,34 +100,53 @@ def _umask() -> int:
 
 
 def _publish_mode(path: Path) -> None:
-    """mkstemp makes 0600 files; outputs get the usual 0666 & ~umask so servers and other users can read them."""
+    """Temp files are 0600; outputs get the usual 0666 & ~umask so servers and other users can read them."""
     os.chmod(path, 0o666 & ~_umask())
 
 
+@dataclass
+class Output:
+    temp: Path  # write the video here
+    sidecar_temp: Optional[Path] = None  # and the sidecar here, when one was asked for
+    path: Optional[Path] = None  # the published names, set when the block ends without an error
+    sidecar: Optional[Path] = None
+
+
 @contextmanager
-def atomic_output(folder: Path, base: str, suffix: str) -> Iterator[tuple[Path, list[Path]]]:
-    """Yields (temp path, [final path]); on success the temp file is linked to a fresh unique name.
+def atomic_output(folder: Path, base: str, suffix: str, *, sidecar_suffix: Optional[str] = None) -> Iterator[Output]:
+    """Yields temp paths to write; when the block succeeds they are linked to fresh unique names.
 
     The final name is claimed with a hard link, which fails if the name exists, so two saves never
-    overwrite each other; on any error the temp file is removed and nothing is left behind.
+    overwrite each other; on any error (or a signal) the temp files are removed and nothing is left.
+    A video and its sidecar are published together or not at all.
     """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial" + suffix, dir=folder)
-        os.close(handle)
-    except OSError as exc:
-        raise VideoWriteError(f"Cannot write to {folder}: {exc.strerror or exc}. Check the output folder.") from None
-    temp, final = Path(temp_name), []
-    try:
-        yield temp, final
-        _publish_mode(temp)
-        final.append(_claim_name(temp, folder, base, suffix))
-    finally:
-        temp.unlink(missing_ok=True)
+    with ExitStack() as stack:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            sweep_stale(folder)
+            out = Output(stack.enter_context(temp_file(folder, base, suffix)))
+            if sidecar_suffix is not None:
+                out.sidecar_temp = stack.enter_context(temp_file(folder, base, sidecar_suffix))
+        except OSError as exc:
+            raise VideoWriteError(f"Cannot write to {folder}: {exc.strerror or exc}. Check the output folder.") from None
+        yield out
+        _publish_mode(out.temp)
+        video = _claim_name(out.temp, folder, base, suffix)
+        if out.sidecar_temp is not None:
+            try:
+                _publish_mode(out.sidecar_temp)
+                out.sidecar = _claim_sidecar(out.sidecar_temp, video, sidecar_suffix)
+            except BaseException as exc:
+                video.unlink(missing_ok=True)  # ours, claimed a moment ago: without its sidecar it must not stay
+                if isinstance(exc, OSError) and not isinstance(exc, VideoWriteError):
+                    raise VideoWriteError(f"Cannot write the sidecar of {video.name}: {exc.strerror or exc}. "
+                                          "Nothing was written.") from None
+                raise
+        out.path = video
 
 
 def _claim_name(temp: Path, folder: Path, base: str, suffix: str) -> Path:
-    counter = _next_counter(folder, base, suffix)
+    counter = _next_counter(folder, base)
     while True:
         target = folder / f"{base}_{counter:05}_{suffix}"
         try:
@@ -104,23 +177,15 @@ def _claim_without_links(temp: Path, target: Path) -> Path:
             raise VideoWriteError(f"Cannot write {target}: {exc.strerror or exc}.") from None
 
 
-def claim_sidecar(video: Path, suffix: str, write: Callable[[Path], None]) -> Path:
-    """Write a companion file next to `video` (same stem), atomically; never overwrites."""
-    base = video.name[: -len(video.suffix)]
-    handle, temp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=".partial" + suffix, dir=video.parent)
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
-        write(temp)
-        _publish_mode(temp)
-        for name in (base + suffix, *(f"{base}.workflow{n or ''}{suffix}" for n in range(100))):
-            try:
-                os.link(temp, video.with_name(name))
-                return video.with_name(name)
-            except FileExistsError:
-                continue
-            except OSError:  # no hard links here (exFAT, some network shares)
-                return _claim_without_links(temp, video.with_name(name))
-        raise VideoWriteError(f"No free name for the sidecar of {video.name}.")
-    finally:
-        temp.unlink(missing_ok=True)
+def _claim_sidecar(temp: Path, video: Path, suffix: str) -> Path:
+    """The companion's name: the video's stem, or `.workflowN` when a file of that name exists; never overwrites."""
+    stem = video.name[: -len(video.suffix)]
+    for name in (stem + suffix, *(f"{stem}.workflow{n or ''}{suffix}" for n in range(100))):
+        try:
+            os.link(temp, video.with_name(name))
+            return video.with_name(name)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here (exFAT, some network shares)
+            return _claim_without_links(temp, video.with_name(name))
+    raise VideoWriteError(f"No free name for the sidecar of {video.name}; remove {stem}.workflow*{suffix} files.")

@@ -14,6 +14,7 @@ from ..errors import InvalidSettingError, ModelFileNotFoundError
 ProgressFn = Callable[[int, int], None]
 # .webp is not here: FFmpeg cannot decode animated WebP
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".m4v", ".avi", ".gif")
+SIZE_MULTIPLES = (1, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,13 @@ def load_video(
     path = Path(path)
     if not path.is_file():
         raise ModelFileNotFoundError(f"Video not found: {path}. Put it in ComfyUI's input folder or upload it.")
-    if frame_cap < 0 or skip_first < 0 or every_nth < 1 or size_multiple not in (1, 8, 16, 32, 64):
-        raise InvalidSettingError("frame_cap and skip_first must be >= 0, every_nth >= 1, size_multiple 1/8/16/32/64.")
+    _check_cuts(frame_cap=frame_cap, skip_first=skip_first, every_nth=every_nth, size_multiple=size_multiple)
+    if path.stat().st_size == 0:
+        raise InvalidSettingError(f"{path.name} is empty (0 bytes), so it has no video frames; upload the file again.")
     kept, seen = [], 0
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
+            stream = _video_stream(path.name, container)
             fps = float(stream.average_rate or stream.guessed_rate or 8)
             _check_memory(path.name, stream, frame_cap, skip_first, every_nth)
             for frame in container.decode(stream):
@@ -68,12 +70,43 @@ def load_video(
                     progress(len(kept), frame_cap or len(kept))
                 if frame_cap and len(kept) >= frame_cap:
                     break
-    except (av.error.FFmpegError, IndexError) as exc:
+    except av.error.EOFError:  # the container ends before its first packet: no frames at all
+        raise InvalidSettingError(f"{path.name} has no video frames (it ends before the first one); "
+                                  "choose a clip with at least one frame.") from None
+    except av.error.FFmpegError as exc:
         raise InvalidSettingError(f"{path.name} could not be decoded as a video: {exc}.") from None
+    if not seen:
+        raise InvalidSettingError(f"{path.name} has a video stream with no frames in it (0 frames decoded); "
+                                  "choose a clip with at least one frame.")
     if not kept:
         raise InvalidSettingError(f"{path.name}: no frames left after skipping {skip_first} of {seen}.")
     frames = torch.from_numpy(np.stack(kept)).float().div_(255)
     return LoadedVideo(_resize_to_multiple(frames, size_multiple), fps / every_nth, seen)
+
+
+def _check_cuts(*, frame_cap: int, skip_first: int, every_nth: int, size_multiple: int) -> None:
+    """Name only the values that are wrong, each with its own rule."""
+    rules = ((frame_cap >= 0, f"frame_cap={frame_cap} must be 0 (all frames) or more"),
+             (skip_first >= 0, f"skip_first={skip_first} must be 0 or more"),
+             (every_nth >= 1, f"every_nth={every_nth} must be 1 (every frame) or more"),
+             (size_multiple in SIZE_MULTIPLES, f"size_multiple={size_multiple} must be one of "
+                                               f"{', '.join(map(str, SIZE_MULTIPLES))}"))
+    wrong = [rule for ok, rule in rules if not ok]
+    if wrong:
+        raise InvalidSettingError("; ".join(wrong) + ".")
+
+
+def _video_stream(name: str, container):
+    """The first video stream, or a message saying what the file holds instead (audio only, nothing)."""
+    if container.streams.video:
+        return container.streams.video[0]
+    others = [stream.type for stream in container.streams]
+    if not others:
+        raise InvalidSettingError(f"{name} has no video frames (no streams at all); choose a clip with at least "
+                                  "one frame.")
+    kinds = ", ".join(sorted(set(others)))
+    raise InvalidSettingError(f"{name} has no video stream, only {kinds}; choose a file with video frames "
+                              "(Load Video does not load audio-only files).")
 
 
 def _check_memory(name: str, stream, frame_cap: int, skip_first: int, every_nth: int) -> None:

@@ -158,3 +158,86 @@ def test_load_video_reruns_when_the_file_changes(tmp_path):
         assert node.IS_CHANGED(video="missing.mp4") != node.IS_CHANGED(video="missing.mp4")  # NaN: always re-run
     finally:
         _comfy.use_headless(None)
+
+
+def _save_args(**change):
+    args = dict(filename_prefix="clip", fps=8.0, format="mp4", crf=19, pix_fmt="yuv420p", loop=0, pingpong=False,
+                quality=90)
+    return {**args, **change}
+
+
+@pytest.mark.parametrize("prefix,rule", [
+    ("../escape", "contains '..'"),
+    ("/abs/clip", "is an absolute path"),
+    ("bad\x00name", "contains a NUL byte"),
+    ("y" * 215, "is 215 bytes, but at most 214 fit"),  # the temp '.NAME.<owner>.partial.webm' would pass 255
+    ("sub/" + "z" * 300, "shorten the part after the last '/'"),
+])
+def test_filename_prefix_is_refused_when_queued_naming_the_prefix_and_the_rule(host, prefix, rule):
+    check = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"].VALIDATE_INPUTS
+    message = check(filename_prefix=prefix, fps=8.0, format="mp4", crf=19, pix_fmt="yuv420p")
+    assert isinstance(message, str) and message.startswith(f"filename_prefix {repr(prefix)[:30]}") and rule in message
+    assert "\n" not in message and "output folder." not in message and "Cannot write" not in message
+    assert not (host / "out").exists()
+    with pytest.raises(InvalidSettingError) as caught:  # the run itself applies the same rule
+        SAVE_VIDEO.run(**_save_args(filename_prefix=prefix), images=_gradient(frames=2))
+    assert str(caught.value) == message and not (host / "out").exists()
+
+
+@pytest.mark.parametrize("fps", [float("nan"), float("inf"), float("-inf"), 0.0, -1.0, 0.05, 240.5, "8", True])
+def test_fps_is_checked_when_queued_with_comfyuis_range_repeated(fps):
+    message = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"].VALIDATE_INPUTS(filename_prefix="ok", fps=fps)
+    assert isinstance(message, str) and message.startswith(f"fps={fps!r}") and "\n" not in message
+
+
+def test_good_and_linked_save_inputs_pass_when_queued():
+    import inspect
+
+    check = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"].VALIDATE_INPUTS
+    assert check(filename_prefix="flipbook/cat", fps=23.976, format="webm", crf=30, pix_fmt="yuv444p") is True
+    assert check(filename_prefix="", fps=0.1, format="gif", crf=0, pix_fmt="yuv420p") is True  # "" = "flipbook"
+    assert check(filename_prefix=None, fps=None, format="mp4", crf=None, pix_fmt=None) is True  # linked
+    assert "crf=60" in check(filename_prefix=None, fps=None, format="mp4", crf=60, pix_fmt="yuv420p")
+    both = check(filename_prefix="../x", fps=float("nan"))
+    assert "filename_prefix '../x'" in both and "fps=nan" in both and "\n" not in both
+    spec = inspect.getfullargspec(check)
+    assert {"filename_prefix", "fps", "format", "crf", "pix_fmt"} <= set(spec.args) and spec.varkw is None
+
+
+def test_bad_prefix_stops_the_workflow_when_queued(host):
+    from flipbook_pack.core.errors import WorkflowError
+    from flipbook_pack.nodes.headless import validate_prompt
+
+    prompt = {"3": {"class_type": "FlipbookSaveVideo", "inputs": {**_save_args(filename_prefix="../../etc/x"),
+                                                                  "images": ["2", 0]}}}
+    with pytest.raises(WorkflowError, match=r"filename_prefix '\.\./\.\./etc/x' contains '\.\.'"):
+        validate_prompt(prompt, NODE_CLASS_MAPPINGS)
+    assert not (host / "out").exists()
+
+
+@pytest.mark.parametrize("audio,rule", [
+    ({"waveform": torch.zeros(2, 16000), "sample_rate": 16000}, "waveform of shape [2, 16000], but ComfyUI's AUDIO"),
+    ({"waveform": torch.zeros(1, 2, 16000), "sample_rate": 0}, "sample_rate=0"),
+    ({"waveform": torch.zeros(1, 2, 0), "sample_rate": 16000}, "Audio has no samples"),
+    ({"waveform": torch.zeros(0, 2, 16000), "sample_rate": 16000}, "waveform of shape [0, 2, 16000]"),
+    ({"sample_rate": 16000}, "dict without 'waveform'"),
+])
+def test_bad_audio_is_a_typed_error_naming_the_problem(host, audio, rule):
+    with pytest.raises(InvalidSettingError) as caught:
+        SAVE_VIDEO.run(**_save_args(), images=_gradient(frames=8), audio=audio)
+    assert rule in str(caught.value) and "\n" not in str(caught.value)
+    assert not (host / "out").exists()
+
+
+def test_nan_frames_from_a_native_video_are_refused(host):
+    from flipbook_pack.core.errors import NonFiniteResultError
+
+    frames = _gradient(frames=3)
+    frames[1] = float("nan")
+    with pytest.raises(NonFiniteResultError, match=r"1 of 3 frames \(frame 1\)"):
+        SAVE_VIDEO.run(**_save_args(), video=_FakeVideo(frames, 8))
+    endless = types.SimpleNamespace(get_components=lambda: types.SimpleNamespace(
+        images=_gradient(frames=3), frame_rate=float("inf"), audio=None))
+    with pytest.raises(InvalidSettingError, match="fps=inf"):
+        SAVE_VIDEO.run(**_save_args(), video=endless)
+    assert not (host / "out").exists()
