@@ -35,7 +35,7 @@ _OWNED = re.compile(r"\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.partial(
 
 _in_flight: set[Path] = set()
 _lock = threading.RLock()  # re-entrant: a signal handler may run while its own thread holds it
-_handled_signals: dict[int, object] = {}
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT") if hasattr(signal, name))
 
 
 def _host_tag() -> str:
@@ -102,22 +102,20 @@ def _on_signal(signum: int, frame) -> None:
 
 
 def install_signal_cleanup() -> bool:
-    """Handle SIGTERM/SIGINT where they still have the default action; True if any handler is ours.
+    """Handle SIGTERM/SIGINT where they still have the default action; True if one of them is handled by us.
 
     Only the main thread may install handlers (ComfyUI runs nodes on a worker thread, so the nodes
     call this when imported); a handler someone else installed is never replaced, and Python's own
     SIGINT handler (KeyboardInterrupt) is kept, since atexit already covers it.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return bool(_handled_signals)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
-            if signal.getsignal(signum) == signal.SIG_DFL:
-                signal.signal(signum, _on_signal)
-                _handled_signals[signum] = _on_signal
-        except (ValueError, OSError, RuntimeError):  # embedded interpreters may refuse
-            log.debug("Cannot handle signal %s; temporary files are swept on the next save instead", signum)
-    return bool(_handled_signals)
+    if threading.current_thread() is threading.main_thread():
+        for signum in _SIGNALS:
+            try:
+                if signal.getsignal(signum) == signal.SIG_DFL:
+                    signal.signal(signum, _on_signal)
+            except (ValueError, OSError, RuntimeError):  # embedded interpreters may refuse
+                log.debug("Cannot handle signal %s; its temp files are swept on the next save instead", signum)
+    return any(signal.getsignal(signum) is _on_signal for signum in _SIGNALS)
 
 
 def _alive(pid: int) -> bool:
