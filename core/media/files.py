@@ -28,7 +28,7 @@ def _names_for(base: str) -> list[str]:
     """The longest names a save under `base` creates: the video, its sidecar and their temp files."""
     stem = f"{base}_{'9' * _COUNTER_WIDTH}_"
     return [stem + LONGEST_SUFFIX, f"{stem}.workflow99{SIDECAR_SUFFIX}",
-            longest_temp_name(base, LONGEST_SUFFIX), longest_temp_name(base, SIDECAR_SUFFIX)]
+            longest_temp_name(base=base, suffix=LONGEST_SUFFIX), longest_temp_name(base=base, suffix=SIDECAR_SUFFIX)]
 
 
 def max_name_bytes() -> int:
@@ -124,9 +124,9 @@ def atomic_output(folder: Path, base: str, suffix: str, *, sidecar_suffix: Optio
         try:
             folder.mkdir(parents=True, exist_ok=True)
             sweep_stale(folder)
-            out = Output(stack.enter_context(temp_file(folder, base, suffix)))
+            out = Output(stack.enter_context(temp_file(folder, base=base, suffix=suffix)))
             if sidecar_suffix is not None:
-                out.sidecar_temp = stack.enter_context(temp_file(folder, base, sidecar_suffix))
+                out.sidecar_temp = stack.enter_context(temp_file(folder, base=base, suffix=sidecar_suffix))
         except OSError as exc:
             raise VideoWriteError(f"Cannot write to {folder}: {exc.strerror or exc}. Check the output folder.") from None
         yield out

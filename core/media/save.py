@@ -62,7 +62,8 @@ def _check_finite(frames: torch.Tensor) -> None:
     if not frames.is_floating_point() or frames.numel() == 0:
         return
     dims = tuple(range(1, frames.ndim))
-    finite = (torch.isfinite(frames.amax(dim=dims)) & torch.isfinite(frames.amin(dim=dims))).cpu()
+    colour = frames[..., :3]  # alpha is dropped when saving: NaN there harms nothing
+    finite = (torch.isfinite(colour.amax(dim=dims)) & torch.isfinite(colour.amin(dim=dims))).cpu()
     if bool(finite.all()):
         return
     bad = (~finite).nonzero().flatten().tolist()
@@ -150,7 +151,7 @@ def save_video(
     """
     fmt = _format(format_id)
     _validate(fmt, settings)
-    folder, base, subfolder = output_folder(Path(output_dir), filename_prefix)
+    folder, base, subfolder = output_folder(Path(output_dir), filename_prefix=filename_prefix)
     video_codec = bool(fmt.pix_fmts)  # pix_fmt and crf mean nothing to the image formats
     array = frames_to_array(frames, sixteen_bit=video_codec and "10" in settings.pix_fmt, even=video_codec)
     audio = _checked_audio(audio)
@@ -162,7 +163,8 @@ def save_video(
         audio = None
     restores, why = _restores(fmt, metadata)
     notes += [] if restores else [why]
-    with atomic_output(folder, base, fmt.suffix, sidecar_suffix=None if restores else SIDECAR_SUFFIX) as out:
+    sidecar = None if restores else SIDECAR_SUFFIX
+    with atomic_output(folder, base=base, suffix=fmt.suffix, sidecar_suffix=sidecar) as out:
         _write(fmt.writer, out.temp, f"{base}{fmt.suffix}", array, settings, metadata, audio, progress)
         if out.sidecar_temp is not None:  # written before the video is published: both appear, or neither
             first = array[:1] if array.dtype == np.uint8 else (array[:1] >> 8).astype(np.uint8)

@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 
 STALE_AFTER_S = 3600  # a temp file nobody has written for an hour belongs to no running save
 LIVE_OWNER_STALE_AFTER_S = 24 * 3600  # a live pid may be a reused one: even then, not forever
-_PID_WIDTH = 10  # pids are at most 10 digits on every OS we run on (Linux: 4194304, 7)
+_PID_WIDTH = 10  # the widest pid: Windows' are 32-bit (10 digits); Linux's at most 4194304 (7)
 _TOKEN_WIDTH = 8
 _TEMP = re.compile(r"^\..+\.partial(\.[^.]+)?$")
 _OWNED = re.compile(r"\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.partial(\.[^.]+)?$")
 
 _in_flight: set[Path] = set()
-_lock = threading.RLock()  # re-entrant: a signal handler may run while its own thread holds it
+_lock = threading.Lock()  # creating + registering vs sweeping; the signal/exit cleanup never takes it
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT") if hasattr(signal, name))
 
 
@@ -92,6 +92,8 @@ def remove_in_flight() -> None:
 
 
 atexit.register(remove_in_flight)
+if hasattr(os, "register_at_fork"):  # a forked child inherits the set, but the files are its parent's
+    os.register_at_fork(after_in_child=_in_flight.clear)
 
 
 def _on_signal(signum: int, frame) -> None:

@@ -209,3 +209,9 @@ def test_output_folder_symlink_escape_is_a_prefix_error(tmp_path):
     with pytest.raises(FilenamePrefixError, match="through a symbolic link"):
         save_video(_frames(), tmp_path / "out", "link/clip", "mp4", VideoSettings(), {})
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_nan_only_in_the_dropped_alpha_channel_still_saves(tmp_path):
+    frames = torch.rand(2, 8, 8, 4)
+    frames[..., 3] = float("nan")
+    assert save_video(frames, tmp_path, "rgba", "png", VideoSettings(), {}).path.exists()

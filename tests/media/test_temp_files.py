@@ -208,3 +208,14 @@ def test_sidecar_that_cannot_be_published_unpublishes_the_gif(tmp_path, monkeypa
         assert str(caught.value) == ("Cannot write the sidecar of clip_00001_.gif: No space left on device. "
                                      "Nothing was written.")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_removes_its_parents_temp_files(tmp_path):
+    with temp_files.temp_file(tmp_path, "clip", ".mp4") as temp:
+        child = os.fork()
+        if child == 0:  # the child exits the way a normal process does: atexit runs
+            temp_files.remove_in_flight()
+            os._exit(0)
+        os.waitpid(child, 0)
+        assert temp.exists()
