@@ -91,6 +91,11 @@ def _check_save(cls, filename_prefix=None, fps=None, format=None, crf=None, pix_
     return " | ".join(problems) if problems else True
 
 
+def _check_to_video(cls, fps=None):
+    """When queued: a NaN/inf or out-of-range frame rate (NaN passes every min/max comparison)."""
+    return _fps_problem(fps) or True
+
+
 def _prefix_problem(filename_prefix):
     from ..core.errors import FilenamePrefixError
     from ..core.media.files import check_filename_prefix
@@ -213,6 +218,7 @@ FRAMES_TO_VIDEO = NodeSpec(
     outputs=(("VIDEO", "video"),),
     run=_to_video,
     needs_video_api=True,
+    validate=_check_to_video,
 )
 
 LOAD_VIDEO = NodeSpec(

@@ -241,3 +241,12 @@ def test_nan_frames_from_a_native_video_are_refused(host):
     with pytest.raises(InvalidSettingError, match="fps=inf"):
         SAVE_VIDEO.run(**_save_args(), video=endless)
     assert not (host / "out").exists()
+
+
+def test_frames_to_video_checks_its_frame_rate_when_queued():
+    from flipbook_pack.nodes.video_nodes import FRAMES_TO_VIDEO
+
+    check = FRAMES_TO_VIDEO.validate
+    assert check(None, fps=8.0) is True and check(None) is True
+    assert "fps=nan must be a finite number" in check(None, fps=float("nan"))
+    assert "is not a number" in check(None, fps="fast")
