@@ -85,3 +85,40 @@ def sigma_to_timestep(sigma: torch.Tensor, model_sigmas: torch.Tensor) -> torch.
     high = low + 1
     w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
     return ((1 - w) * low + w * high).view(sigma.shape)
+
+
+# --- flow matching (Wan 2.1): sigma in [0, 1], x_sigma = (1 - sigma) x0 + sigma noise, t = 1000 sigma ---
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's time shift sigma' = shift sigma / (1 + (shift - 1) sigma) (Wan-Video/Wan2.1 wan/utils/fm_solvers*.py;
+    ComfyUI model_sampling.time_snr_shift; diffusers flow_shift): shift > 1 spends more steps at high noise."""
+    if not shift > 0:
+        raise InvalidSettingError(f"shift={shift}: the flow shift must be a positive number (Wan 2.1 T2V: 5.0).")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_sigmas_unipc(steps: int, shift: float) -> torch.Tensor:
+    """Wan's UniPC schedule: linspace(0.999, 0, steps + 1) without its last point, shifted, then a final 0
+    (Wan-Video/Wan2.1 wan/utils/fm_solvers_unipc.py FlowUniPCMultistepScheduler.set_timesteps)."""
+    _require_steps(steps)
+    start = torch.linspace(0.999, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    return torch.cat([shift_sigmas(start, shift), start.new_zeros(1)]).float()
+
+
+def flow_sigmas_dpmpp(steps: int, shift: float) -> torch.Tensor:
+    """Wan's DPM++ schedule: linspace(1, 0, steps + 1)[:steps], shifted, then a final 0
+    (Wan-Video/Wan2.1 wan/utils/fm_solvers.py get_sampling_sigmas)."""
+    _require_steps(steps)
+    start = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:steps]
+    return torch.cat([shift_sigmas(start, shift), start.new_zeros(1)]).float()
+
+
+FLOW_SCHEDULES: MappingProxyType[str, Callable[[int, float], torch.Tensor]] = MappingProxyType(
+    {"unipc": flow_sigmas_unipc, "dpm++": flow_sigmas_dpmpp}
+)
+
+
+def _require_steps(steps: int) -> None:
+    if steps < 1:
+        raise InvalidSettingError(f"steps must be at least 1, got {steps}.")
