@@ -67,7 +67,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, call
     values = [float(s) for s in sigmas]
     total = len(values) - 1
     history: list[tuple[float, torch.Tensor]] = []  # (sigma, x0 estimate), newest first
-    previous_x = None
+    previous_x, used_order = None, 1
     for i in range(total):
         denoised = denoiser(x, sigmas[i])
         if previous_x is not None:  # corrector: refine x at sigma_i with the new estimate
