@@ -113,12 +113,16 @@ class Component:
             raise UnsupportedCheckpointError(f"The {self.name} files leave {len(stray)} tensors unset: {stray[:3]}.")
         self.size_bytes = tensor_bytes(self.module)
 
+    def restore(self, device: torch.device) -> None:
+        """Read the weights from the files again onto `device` if they were released (else nothing)."""
+        if not self.resident:
+            log.info("reading %s weights again from the file (%.0f MB)", self.name, self.size_bytes / 2**20)
+            self.materialize(device)
+
     def load(self) -> None:
         """Weights on the compute device (read again from the files if they were released)."""
-        if not self.resident:
-            log.info("reading %s weights again (%.0f MB)", self.name, self.size_bytes / 2**20)
-            self.materialize(self.load_device)
-        elif self.device != self.load_device:
+        self.restore(self.load_device)
+        if self.device != self.load_device:
             self.module.to(self.load_device)
 
     def offload(self) -> None:
@@ -140,14 +144,6 @@ class ModelHandle:
 
     def __getitem__(self, name: str) -> Component:
         return self.components[name]
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(c.size_bytes for c in self.components.values())
-
-    def release(self) -> None:
-        for component in self.components.values():
-            component.release()
 
 
 class MemoryPolicy(Protocol):

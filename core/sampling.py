@@ -11,7 +11,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma) -> x0; core.denoisers.Denoiser is one
 
 
 class StepCallback(Protocol):
@@ -28,7 +28,7 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_euler(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: torch.Tensor,
     sigmas: torch.Tensor,
     callback: Optional[StepCallback] = None,

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import Denoiser, StepCallback
+from .sampling import DenoiserFn, StepCallback
 
 
 def _lambda(sigma: float) -> float:
@@ -61,7 +61,7 @@ def _update(x: torch.Tensor, sigma_from: float, sigma_to: float, m0: torch.Tenso
 
 
 @torch.no_grad()
-def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Optional[StepCallback] = None,
+def sample_unipc(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, callback: Optional[StepCallback] = None,
                  order: int = 2) -> torch.Tensor:
     """UniPC-bh2 over flow sigmas (descending, ending in 0); the last steps drop to lower order."""
     values = [float(s) for s in sigmas]

@@ -86,9 +86,9 @@ def resolve_variant(variant_id: str, motion_file: str, info: MotionModuleInfo,
         if named is not None and named.id != variant.id:
             notes = (f"{motion_file} is named as {named.label}, but the variant {variant.label} was chosen; "
                      "check that this is intended.",)
-    elif named is None and V.lightning_steps_in_name(motion_file) is not None:
+    elif named is None and (stated := V.lightning_steps_in_name(motion_file)) is not None:
         raise SettingsMismatchError(
-            f"{motion_file} is named like an AnimateDiff-Lightning {V.lightning_steps_in_name(motion_file)}-step "
+            f"{motion_file} is named like an AnimateDiff-Lightning {stated}-step "
             f"file, but no such variant exists (known: {', '.join(V.VARIANTS)}). Choose the variant on the loader, "
             "or use the file's original name (animatediff_lightning_{1,2,4,8}step_comfyui.safetensors)."
         )

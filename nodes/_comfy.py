@@ -49,6 +49,10 @@ def _module(name: str):
         return None
 
 
+def _management():
+    return None if _headless is not None else _module("comfy.model_management")
+
+
 def _folder_paths():
     return None if _headless is not None else _module("folder_paths")
 
@@ -126,7 +130,7 @@ def clip_tokenizer_dir() -> Optional[Path]:
 def progress_reporter(total: int) -> Callable[[int, int], None]:
     """A (done, total) callback driving ComfyUI's progress bar; each update is also a cancel point."""
     utils = None if _headless is not None else _module("comfy.utils")
-    management = None if _headless is not None else _module("comfy.model_management")
+    management = _management()
     bar = utils.ProgressBar(total) if utils is not None else None
 
     def report(done: int, of: int) -> None:
@@ -149,7 +153,7 @@ def v3_api():
 
 def torch_device() -> Optional[str]:
     """The device ComfyUI computes on (honours --cpu, --directml, --cuda-device); None when headless."""
-    management = None if _headless is not None else _module("comfy.model_management")
+    management = _management()
     return str(management.get_torch_device()) if management is not None else None
 
 
@@ -214,10 +218,6 @@ def compute_dtype():
     if management.should_use_fp16(device):
         return torch.float16
     return torch.bfloat16 if management.should_use_bf16(device) else torch.float32
-
-
-def _management():
-    return None if _headless is not None else _module("comfy.model_management")
 
 
 def component_placements() -> Optional[dict]:
@@ -308,12 +308,8 @@ class ComfyMemory:
 
     def prepare(self, components, working_bytes: int = 0) -> None:
         wanted = list(components)
-        for component in wanted:
-            if not component.resident:  # released by an earlier unload
-                log.info("reading %s weights again from the file (%.0f MB)", component.name,
-                         component.size_bytes / 2**20)
-                # onto the CPU: ComfyUI moves them to the device after making room there
-                component.materialize(torch.device("cpu"))
+        for component in wanted:  # released by an earlier unload: onto the CPU, ComfyUI makes room and moves them
+            component.restore(torch.device("cpu"))
         self.management.load_models_gpu([self.patchers[c.name] for c in wanted], memory_required=working_bytes)
 
 
