@@ -6,6 +6,7 @@ function over an epsilon-prediction denoiser; the variant table decides steps, C
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -228,6 +229,8 @@ class GenerationResult:
 
 def validate_request(model: LightningModel, request: GenerationRequest) -> V.CheckedSettings:
     """Every check that needs no model run: variant settings, frame limit, size, motion scale."""
+    if not math.isfinite(request.cfg):  # NaN passes every comparison below (a linked value, an API prompt)
+        raise InvalidSettingError(f"cfg={request.cfg}: use a finite number (1.0 for Lightning).")
     checked = V.check_settings(
         model.variant, V.SamplingSettings(request.steps, request.cfg, request.scheduler), model.policy
     )

@@ -150,7 +150,9 @@ _CONVERT = {"INT": int, "FLOAT": float}
 
 
 def _coerce(name: str, spec: tuple, value: Any) -> tuple[Any, list[str]]:
-    """The value as ComfyUI's validation converts it (int(), float()), or why it cannot be: types before ranges."""
+    """The value as ComfyUI's validation converts numbers (int(), float()), or why it cannot be: types before
+    ranges. Stricter than ComfyUI for text and booleans, which it passes through str()/bool(): a null prompt
+    would become the text "None"."""
     kind = spec[0]
     if isinstance(kind, str) and kind in _CONVERT:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):

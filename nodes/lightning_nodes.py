@@ -1,11 +1,9 @@
 """AnimateDiff-Lightning nodes: a loader and a sampler. Thin adapters over lightning.pipeline."""
 from __future__ import annotations
 
-import math
-
 from ..lightning import variants as V
 from . import _comfy
-from .specs import NodeResult, NodeSpec, Param
+from .specs import NodeResult, NodeSpec, Param, number_problem, option
 
 MODEL_TYPE = "FLIPBOOK_LIGHTNING"
 CATEGORY = "Flipbook/Lightning"
@@ -39,15 +37,8 @@ def _check_sample(cls, prompt=None, negative=None, cfg=None, motion_scale=None):
     from ..core.errors import InvalidSettingError
     from ..core.prompt import parse_weights
 
-    problems = []
-    for name, value in (("cfg", cfg), ("motion_scale", motion_scale)):
-        low, high = _option(name, "min"), _option(name, "max")
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{name}={value!r} is not a number; use {low}-{high}")
-        elif not math.isfinite(value) or not low <= value <= high:
-            problems.append(f"{name}={value} must be a finite number from {low} to {high}")
+    problems = [problem for name, value in (("cfg", cfg), ("motion_scale", motion_scale))
+                if (problem := number_problem(name, value, option(SAMPLER, name, "min"), option(SAMPLER, name, "max")))]
     for name, text in (("prompt", prompt), ("negative", negative)):
         if text is not None and not isinstance(text, str):
             problems.append(f"{name} must be text, got {type(text).__name__}")
@@ -57,10 +48,6 @@ def _check_sample(cls, prompt=None, negative=None, cfg=None, motion_scale=None):
             except InvalidSettingError as exc:
                 problems.append(f"{name}: {exc}")
     return True if not problems else "; ".join(problems)
-
-
-def _option(name: str, key: str):
-    return next(p.options[key] for p in SAMPLER.inputs if p.name == name)
 
 
 LOADER = NodeSpec(

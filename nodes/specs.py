@@ -5,6 +5,7 @@ plain `run` function; `nodes/v3.py` and `nodes/v1.py` turn specs into ComfyUI cl
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -44,3 +45,21 @@ class NodeSpec:
     validate: Optional[Callable[..., Any]] = None
     # fingerprint(cls, <input>=None, ...) -> value: the node re-runs when it changes (e.g. a file's mtime)
     fingerprint: Optional[Callable[..., Any]] = None
+
+
+def number_problem(name: str, value: Any, low: float, high: float, hint: str = "") -> Optional[str]:
+    """Why a queued number is unusable (not a number, NaN/inf, out of range), or None. Node validators
+    repeat these checks because ComfyUI skips its own for inputs a validator names, and NaN passes
+    every min/max comparison."""
+    if value is None:  # linked: checked when the node runs
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name}={value!r} is not a number; use {low}-{high}{hint}"
+    if not (math.isfinite(value) and low <= value <= high):
+        return f"{name}={value} must be a finite number from {low} to {high}{hint}"
+    return None
+
+
+def option(spec: "NodeSpec", name: str, key: str) -> Any:
+    """A Param's option (min, max, default...) by input name, so validators use the widget's own range."""
+    return next(p.options[key] for p in spec.inputs if p.name == name)

@@ -2,13 +2,11 @@
 ComfyUI's native VIDEO, and load a video file into frames."""
 from __future__ import annotations
 
-import math
-
 from ..core.media.metadata import build_metadata
 from ..core.media.temp_files import install_signal_cleanup
 from ..core.media.writers import FORMATS as OUTPUT_FORMATS
 from . import _comfy
-from .specs import NodeResult, NodeSpec, Param
+from .specs import NodeResult, NodeSpec, Param, number_problem
 
 # ComfyUI imports node packs on its main thread but runs nodes on a worker thread, where signal
 # handlers cannot be installed: install now, so SIGTERM does not leave a save's .partial files behind.
@@ -110,13 +108,7 @@ def _prefix_problem(filename_prefix):
 
 
 def _fps_problem(fps):
-    if fps is None:
-        return None
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)):
-        return f"fps={fps!r} is not a number; give the frames per second, e.g. 8 or 16."
-    if not (math.isfinite(fps) and FPS_RANGE[0] <= fps <= FPS_RANGE[1]):
-        return f"fps={fps} must be a finite number from {FPS_RANGE[0]} to {FPS_RANGE[1]}, e.g. 8, 16 or 23.976."
-    return None
+    return number_problem("fps", fps, *FPS_RANGE, hint=" frames per second, e.g. 8, 16 or 23.976.")
 
 
 def _format_problems(format, crf, pix_fmt) -> list:
@@ -161,6 +153,11 @@ def _input_mtime(cls, video=None, **_):
 
 
 def _to_video(images, fps, audio=None) -> NodeResult:
+    from ..core.errors import InvalidSettingError
+
+    problem = _fps_problem(fps)  # a linked fps skipped the queue-time check
+    if problem:
+        raise InvalidSettingError(problem)
     return NodeResult((_comfy.video_from_frames(images, fps, audio),))
 
 

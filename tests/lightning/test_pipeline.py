@@ -224,3 +224,9 @@ def test_a_lightning_name_with_an_unknown_step_count_is_refused(tiny_models, tmp
     renamed = shutil.copy(files["original"], tmp_path / "animatediff_lightning_3step_comfyui.safetensors")
     with pytest.raises(SettingsMismatchError, match=r"3-step file, but no such variant exists \(known: lightning_1step"):
         P.load_lightning(files["ckpt"], renamed, device="cpu")
+
+
+def test_a_nan_cfg_that_skipped_the_queue_check_is_refused_before_sampling(lightning_model, monkeypatch):
+    monkeypatch.setattr(P, "SAMPLERS", {"euler": lambda *a, **k: pytest.fail("sampled with cfg NaN")})
+    with pytest.raises(InvalidSettingError, match="cfg=nan: use a finite number"):
+        P.generate(lightning_model, _request(cfg=float("nan")))
