@@ -6,6 +6,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .guards import require_finite
+
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
@@ -19,13 +21,15 @@ def decode_latents(
     chunk: int = 8,
     progress: Optional[ProgressFn] = None,
     device: Optional[torch.device] = None,
+    source: str = "the VAE",
 ) -> torch.Tensor:
     """[F, C, h, w] latents -> [F, H, W, 3] float32 images in 0..1 on the CPU (ComfyUI IMAGE layout).
 
     fp16 VAEs can overflow to NaN/inf on some inputs (sd-webui-animatediff #352); such a chunk is
     decoded again in fp32 instead of returning black frames. The finiteness of all chunks is read
     back in one transfer at the end, so the GPU never waits on the CPU between chunks. `device` is where
-    the VAE computes (default: where its first weight is; under a partial load weights may wait elsewhere).
+    the VAE computes (default: where its first weight is; under a partial load weights may wait elsewhere);
+    `source` names the VAE's file in the error raised when frames stay NaN/inf.
     """
     dtype = next(vae.parameters()).dtype
     device = device or next(vae.parameters()).device
@@ -42,7 +46,11 @@ def decode_latents(
             log.warning("VAE produced NaN/inf in %s; decoding frames %d-%d again in float32",
                         dtype, index * chunk, index * chunk + parts[index].shape[0] - 1)
             images[index] = _decode_fp32(vae, parts[index].to(device), dtype)
-    video = torch.cat(images).float().div_(2).add_(0.5).clamp_(0, 1)
+    video = torch.cat(images).float()
+    # before the clamp, which would turn +-inf into white or black frames
+    require_finite(video, what="decoded frames", likely_causes=(
+        f"NaN/inf weights in {source}, or an overflow that decoding again in float32 did not cure"))
+    video = video.div_(2).add_(0.5).clamp_(0, 1)
     return video.permute(0, 2, 3, 1).to("cpu").contiguous()
 
 

@@ -299,10 +299,7 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
                                             vae.dtype or model.dtype))
     decode_cb = (lambda done, _n: progress(settings.steps + -(-done // DECODE_CHUNK), total)) if progress else None
     frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=DECODE_CHUNK, progress=decode_cb,
-                            device=vae.load_device)
-    require_finite(frames, what="decoded frames", likely_causes=(
-        f"NaN/inf weights in the VAE of {model.checkpoint_name}, or an overflow that decoding again in float32 "
-        "did not cure"))
+                            device=vae.load_device, source=f"the VAE of {model.checkpoint_name}")
     return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=denoiser.calls,
                             model_forwards=denoiser.forwards)
 

@@ -37,3 +37,15 @@ def test_only_the_overflowing_chunk_is_decoded_again_in_fp32(lightning_model, ca
     reference = V.decode_latents(copy.deepcopy(half).float(), latents[8:], 1.0, chunk=8)
     torch.testing.assert_close(frames[8:], reference)
     assert float((frames[:8] - V.decode_latents(half, latents[:8], 1.0)).abs().max()) == 0  # first chunk untouched
+
+
+def test_frames_that_stay_infinite_are_an_error_not_white_frames(lightning_model):
+    import pytest
+
+    from flipbook_pack.core.errors import NonFiniteResultError
+
+    vae = copy.deepcopy(lightning_model.vae)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(float("inf"))  # +inf everywhere: the clamp would make it white
+    with pytest.raises(NonFiniteResultError, match="decoded frames contain .* NaN/inf weights in model.safetensors"):
+        V.decode_latents(vae, torch.zeros(2, 4, 8, 8), 1.0, source="model.safetensors")
