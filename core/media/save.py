@@ -108,6 +108,10 @@ def _validate(fmt: OutputFormat, settings: VideoSettings) -> None:
     if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not (math.isfinite(fps) and 0 < fps <= 240):
         raise InvalidSettingError(f"fps={fps!r}: the frame rate must be a finite number above 0 and at most 240, "
                                   "e.g. 8, 16 or 23.976; set fps (a VIDEO input brings its own rate).")
+    for name in ("crf", "loop", "quality"):  # linked values skip the node's queue-time type check
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InvalidSettingError(f"{name}={value!r} is not a whole number; set {name} on the Save Video node.")
     if fmt.crf_max is not None and not 0 <= settings.crf <= fmt.crf_max:
         raise InvalidSettingError(f"crf={settings.crf}: {fmt.id} takes 0-{fmt.crf_max} (lower = better quality).")
     if fmt.pix_fmts and settings.pix_fmt not in fmt.pix_fmts:

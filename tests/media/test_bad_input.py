@@ -215,3 +215,12 @@ def test_nan_only_in_the_dropped_alpha_channel_still_saves(tmp_path):
     frames = torch.rand(2, 8, 8, 4)
     frames[..., 3] = float("nan")
     assert save_video(frames, tmp_path, "rgba", "png", VideoSettings(), {}).path.exists()
+
+
+def test_a_linked_crf_that_is_not_a_whole_number_is_a_typed_error(tmp_path):
+    from flipbook_pack.core.errors import InvalidSettingError
+    from flipbook_pack.core.media.save import check_format_settings
+
+    with pytest.raises(InvalidSettingError, match="crf='abc' is not a whole number"):
+        check_format_settings("mp4", "abc", "yuv420p")
+    assert not any(tmp_path.iterdir())
