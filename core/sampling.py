@@ -6,7 +6,6 @@ video on any device.
 """
 from __future__ import annotations
 
-from types import MappingProxyType
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -47,6 +46,3 @@ def sample_euler(
             callback(i + 1, total, x, denoised)
     return x
 
-
-# samplers by the names presets use (lightning.variants `sampler`); each is f(denoiser, x, sigmas, callback=None)
-SAMPLERS: MappingProxyType[str, Callable[..., torch.Tensor]] = MappingProxyType({"euler": sample_euler})

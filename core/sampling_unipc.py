@@ -13,13 +13,7 @@ from typing import Optional
 import torch
 
 from .sampling import DenoiserFn, StepCallback
-
-
-def _lambda(sigma: float) -> float:
-    """Half log-SNR of the flow path: log(alpha / sigma) with alpha = 1 - sigma (+inf at sigma 0, -inf at 1)."""
-    if sigma <= 0:
-        return math.inf
-    return -math.inf if sigma >= 1 else math.log(1 - sigma) - math.log(sigma)
+from .schedules import flow_half_log_snr
 
 
 def _coefficients(h: float, rks: list[float], order: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -43,10 +37,10 @@ def _update(x: torch.Tensor, sigma_from: float, sigma_to: float, m0: torch.Tenso
     """The predictor (model_to None) or corrector step from sigma_from to sigma_to.
 
     `m0` is the x0 estimate at sigma_from; `history` holds older (sigma, x0) pairs, newest first."""
-    alpha_to, lambda_from, lambda_to = 1 - sigma_to, _lambda(sigma_from), _lambda(sigma_to)
+    alpha_to, lambda_from, lambda_to = 1 - sigma_to, flow_half_log_snr(sigma_from), flow_half_log_snr(sigma_to)
     h = lambda_to - lambda_from
     older = history[: order - 1]
-    rks = [(_lambda(s) - lambda_from) / h for s, _ in older] + [1.0]
+    rks = [(flow_half_log_snr(s) - lambda_from) / h for s, _ in older] + [1.0]
     diffs = [(m - m0) / rk for (_, m), rk in zip(older, rks)]
     rows, rhs, h_phi_1, b_h = _coefficients(h, rks, order)
     x_next = (sigma_to / sigma_from) * x - alpha_to * h_phi_1 * m0

@@ -10,6 +10,8 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Callable
 
+import math
+
 import numpy as np
 import torch
 
@@ -98,6 +100,14 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def flow_half_log_snr(sigma: float) -> float:
+    """lambda = log(alpha / sigma) with alpha = 1 - sigma, the time variable of the flow-matching solvers
+    (UniPC, DPM-Solver++); +inf at sigma 0, -inf at sigma 1."""
+    if sigma <= 0:
+        return math.inf
+    return -math.inf if sigma >= 1 else math.log(1 - sigma) - math.log(sigma)
+
+
 def flow_sigmas_unipc(steps: int, shift: float) -> torch.Tensor:
     """Wan's UniPC schedule: linspace(0.999, 0, steps + 1) without its last point, shifted, then a final 0
     (Wan-Video/Wan2.1 wan/utils/fm_solvers_unipc.py FlowUniPCMultistepScheduler.set_timesteps)."""
@@ -115,7 +125,13 @@ def flow_sigmas_dpmpp(steps: int, shift: float) -> torch.Tensor:
 
 
 FLOW_SCHEDULES: MappingProxyType[str, Callable[[int, float], torch.Tensor]] = MappingProxyType(
-    {"unipc": flow_sigmas_unipc, "dpm++": flow_sigmas_dpmpp}
+    {
+        "unipc": flow_sigmas_unipc,
+        "dpm++": flow_sigmas_dpmpp,
+        # the distilled Euler steps: linspace(1, 0, n + 1)[:n] shifted, as lightx2v's WanStepDistillScheduler
+        # indexes them (4 steps at shift 5: 1, 0.9375, 0.8333, 0.625), the same points as Wan's dpm++ schedule
+        "euler": flow_sigmas_dpmpp,
+    }
 )
 
 

@@ -20,7 +20,8 @@ from ..core.errors import IncompatibleModelsError, InvalidSettingError, Settings
 from ..core.guards import require_finite
 from ..core.model_handle import Component, LocalMemory, MemoryPolicy, ModelHandle
 from ..core.prompt import embedding_names, encode_weighted, join_contexts, match_lengths  # noqa: F401
-from ..core.sampling import SAMPLERS, seeded_noise
+from ..core.sampler_table import SAMPLERS
+from ..core.sampling import seeded_noise
 from ..core.schedules import discrete_sigmas, sigmas_for_steps
 from ..core.vae import decode_latents
 from . import variants as V

@@ -35,7 +35,7 @@ class Variant:
     distilled: bool
     steps: int  # the trained / recommended step count
     allowed_steps: Optional[tuple[int, ...]]  # None: any step count is fine
-    sampler: str  # a name in core.sampling.SAMPLERS
+    sampler: str  # a name in core.sampler_table.SAMPLERS
     spacing: str  # timestep spacing id in core.schedules.TIMESTEP_SPACINGS
     allowed_spacings: tuple[str, ...]
     beta_schedule: str  # diffusers name; ComfyUI calls it "sqrt_linear"
