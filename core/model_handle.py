@@ -38,30 +38,54 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+FP8_DTYPES = frozenset(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
+
+
+def _tied_groups(module: torch.nn.Module) -> list[list[str]]:
+    """State-dict names grouped by the tensor they share (tied weights, e.g. T5's `shared` and
+    `encoder.embed_tokens`): a file holds one of them, and all of them get the one adopted tensor."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
 def adopt_tensors(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], *, device: torch.device,
-                  dtype: Optional[torch.dtype], what: str, ignore: tuple[str, ...] = ()) -> None:
+                  dtype: Optional[torch.dtype], what: str, ignore: tuple[str, ...] = (),
+                  keep_dtypes: frozenset = frozenset()) -> None:
     """Make `module` use these tensors, each moved to device/dtype as it is adopted (dtype None keeps the
-    storage dtype). Every name must match (but those ending in `ignore`): all mismatches are reported at once.
-    Tied weights are not supported yet: each name gets its own tensor."""
-    expected = dict(module.state_dict(keep_vars=True))
-    missing = sorted(k for k in expected if k not in weights and not k.endswith(ignore))
-    unexpected = sorted(k for k in weights if k not in expected and not k.endswith(ignore))
+    storage dtype; tensors stored in one of `keep_dtypes`, e.g. fp8 weights cast per layer at forward, keep
+    theirs). Every name must match (but those ending in `ignore`; for tied weights one name of the group):
+    all mismatches are reported at once."""
+    groups = _tied_groups(module)
+    known = {name for group in groups for name in group}
+    missing = sorted(group[0] for group in groups
+                     if not any(n in weights for n in group) and not group[0].endswith(ignore))
+    unexpected = sorted(k for k in weights if k not in known and not k.endswith(ignore))
     if missing or unexpected:
         raise UnsupportedCheckpointError(
             f"The {what} does not match its architecture: {len(missing)} missing tensors (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it the right model in a known file layout?"
         )
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        cast = dtype is not None and tensor.is_floating_point() and tensor.dtype not in keep_dtypes
+        return tensor.to(device=device, dtype=dtype if cast else tensor.dtype)
+
     # every tensor is moved first and assigned after, so a failure (out of memory, a bad file) leaves the
     # module as it was instead of half loaded
-    moved = {name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and dtype else tensor.dtype)
-             for name, tensor in weights.items() if name in expected}
-    for name, value in moved.items():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-        else:
-            owner._buffers[leaf] = value
+    values = [(group, moved(weights[next(n for n in group if n in weights)]))
+              for group in groups if any(n in weights for n in group)]
+    for group, value in values:
+        shared = None
+        for name in group:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if leaf in owner._parameters:
+                shared = shared if shared is not None else torch.nn.Parameter(value, requires_grad=False)
+                owner._parameters[leaf] = shared
+            else:
+                owner._buffers[leaf] = value
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -90,6 +114,7 @@ class Component:
     dtype: Optional[torch.dtype]  # compute/storage dtype of its floating tensors (None: the file's)
     finish: Optional[Callable[[torch.nn.Module], None]] = None  # rebuilds state no file holds (e.g. ids)
     ignore: tuple[str, ...] = ()  # name endings that may be absent from the files (recomputed by `finish`)
+    keep_dtypes: frozenset = frozenset()  # storage dtypes adopted as they are (fp8 weights cast per layer)
     size_bytes: int = 0  # from the tensors, kept while released
 
     @property
@@ -105,7 +130,7 @@ class Component:
         """Read the weights from the files onto `device` (default: the offload device)."""
         device = device or self.offload_device
         adopt_tensors(self.module, self.weights(), device=device, dtype=self.dtype, what=self.name,
-                      ignore=self.ignore)
+                      ignore=self.ignore, keep_dtypes=self.keep_dtypes)
         if self.finish is not None:
             self.finish(self.module)
         stray = [n for n, t in (*self.module.named_parameters(), *self.module.named_buffers()) if t.device == META]

@@ -152,3 +152,28 @@ def test_a_half_materialized_component_is_not_resident(tmp_path):
     assert not component.resident
     component.load()  # reads everything again
     assert component.resident and component.module.norm.weight.device == CPU
+
+
+def test_tied_weights_share_one_adopted_tensor():
+    """T5's `shared` and `encoder.embed_tokens` are one parameter: a file with either name fills both, once."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+
+    config = UMT5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=12, num_layers=1, num_heads=2)
+    with torch.device("meta"):
+        module = UMT5EncoderModel(config)
+    weights = {k: torch.randn(v.shape) for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    adopt_tensors(module, weights, device=torch.device("cpu"), dtype=None, what="text encoder")
+    assert module.shared.weight is module.encoder.embed_tokens.weight
+    assert torch.equal(module.shared.weight, weights["shared.weight"])
+
+
+def test_kept_storage_dtypes_are_not_cast():
+    from flipbook_pack.core.model_handle import FP8_DTYPES
+
+    with torch.device("meta"):
+        module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    weights = {"0.weight": torch.randn(4, 4).to(torch.float8_e4m3fn), "0.bias": torch.randn(4),
+               "1.weight": torch.ones(4), "1.bias": torch.zeros(4)}
+    adopt_tensors(module, weights, device=torch.device("cpu"), dtype=torch.bfloat16, what="x", keep_dtypes=FP8_DTYPES)
+    assert module[0].weight.dtype == torch.float8_e4m3fn and module[0].bias.dtype == torch.bfloat16
