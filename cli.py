@@ -14,20 +14,39 @@ from .core.media.writers import FORMATS
 PACK_DIR = Path(__file__).resolve().parent
 WORKFLOWS = PACK_DIR / "workflows"
 DEMO_WORKFLOW = WORKFLOWS / "lightning_4step_t2v.json"
-# tiny models are tiny in width too: the demo samples 64 px so it finishes in seconds on a CPU
+WAN_DEMO_WORKFLOW = WORKFLOWS / "wan21_t2v_14b.json"
+# tiny models are tiny in width too: the demos sample 64 px (Wan: 17 frames) so they finish in seconds on a CPU
 DEMO_OVERRIDES = ("FlipbookLightningSampler.width=64", "FlipbookLightningSampler.height=64")
+WAN_DEMO_OVERRIDES = ("FlipbookWanSampler.resolution=custom (width x height below)", "FlipbookWanSampler.width=64",
+                      "FlipbookWanSampler.height=64", "FlipbookWanSampler.frames=17")
+
+
+def _widget(workflow: dict, node_type: str, index: int = 0):
+    return next(n for n in workflow["nodes"] if n["type"] == node_type)["widgets_values"][index]
 
 
 def write_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
     """Tiny random SD1.5 checkpoint + Lightning motion module under the names the workflow uses."""
     from .lightning.tiny_models import tiny_motion_state_dict, tiny_sd15_state_dict, write_safetensors
 
-    loader = next(n for n in workflow["nodes"] if n["type"] == "FlipbookLightningLoader")
-    ckpt_name, motion_name = loader["widgets_values"][:2]
+    ckpt_name, motion_name = _widget(workflow, "FlipbookLightningLoader"), _widget(workflow, "FlipbookLightningLoader", 1)
     return [
         write_safetensors(tiny_sd15_state_dict(), models_dir / "checkpoints" / ckpt_name),
         write_safetensors(tiny_motion_state_dict(layout="original"), models_dir / "animatediff_models" / motion_name),
     ]
+
+
+def write_wan_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
+    """Tiny Wan transformer, umt5 (with an embedded sentencepiece model) and VAE under the workflow's names."""
+    from .wan_lora.tiny_models import write_wan_demo_models as write
+
+    return write(models_dir, transformer=_widget(workflow, "FlipbookWanModelLoader"),
+                 text_encoder=_widget(workflow, "FlipbookWanTextEncoderLoader"),
+                 vae=_widget(workflow, "FlipbookWanVAELoader"))
+
+
+DEMOS = {"lightning": (DEMO_WORKFLOW, write_demo_models, DEMO_OVERRIDES),
+         "wan": (WAN_DEMO_WORKFLOW, write_wan_demo_models, WAN_DEMO_OVERRIDES)}
 
 
 def run_workflow(path: Path, models_dir: Path, output_dir: Path, overrides: Sequence[str]) -> list[Path]:
@@ -58,14 +77,15 @@ def run_workflow(path: Path, models_dir: Path, output_dir: Path, overrides: Sequ
 
 
 def _demo(args: argparse.Namespace) -> int:
-    workflow = json.loads(DEMO_WORKFLOW.read_text())
+    workflow_path, write_models, demo_overrides = DEMOS[args.path]
+    workflow = json.loads(workflow_path.read_text())
     with tempfile.TemporaryDirectory(prefix="flipbook-demo-") as scratch:
         models_dir = Path(args.models_dir) if args.models_dir else Path(scratch) / "models"
         output_dir = Path(args.output_dir) if args.output_dir else Path.cwd() / "output"
-        for written in write_demo_models(models_dir, workflow):
+        for written in write_models(models_dir, workflow):
             logging.info("wrote tiny model %s", written)
-        overrides = (*DEMO_OVERRIDES, f"FlipbookSaveVideo.format={args.format}")
-        files = run_workflow(DEMO_WORKFLOW, models_dir, output_dir, overrides)
+        overrides = (*demo_overrides, f"FlipbookSaveVideo.format={args.format}")
+        files = run_workflow(workflow_path, models_dir, output_dir, overrides)
     sys.stdout.write("".join(f"{f}\n" for f in files))
     return 0
 
@@ -95,14 +115,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a bundled workflow on tiny random models (no downloads)")
-    demo.add_argument("path", choices=["lightning"])
+    demo.add_argument("path", choices=list(DEMOS))
     demo.add_argument("--models-dir", help="keep the tiny models here (ComfyUI models/ layout)")
     demo.add_argument("--output-dir", help="where the video goes (default ./output)")
     demo.add_argument("--format", choices=list(FORMATS), default="mp4", help="output format (default mp4)")
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="run a workflow JSON (UI format) headless on real models")
     run.add_argument("workflow")
-    run.add_argument("--models", required=True, help="ComfyUI models/ folder (checkpoints/, animatediff_models/)")
+    run.add_argument("--models", required=True, help="ComfyUI models/ folder (checkpoints/, animatediff_models/, "
+                     "diffusion_models/, text_encoders/, vae/)")
     run.add_argument("--output-dir")
     run.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE")
     run.set_defaults(func=_run)

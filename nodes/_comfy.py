@@ -243,6 +243,60 @@ def component_placements() -> Optional[dict]:
     }
 
 
+def wan_placements() -> Optional[dict]:
+    """Inside ComfyUI: (compute device, offload device, dtype) for the Wan transformer, umt5 and VAE, as ComfyUI
+    places its own Wan models. The transformer computes in bf16 where the card has it (Wan's param dtype;
+    ComfyUI's WAN21 also allows fp16 and fp32), umt5 in bf16 or fp32 (T5 overflows in fp16), the VAE in bf16
+    or fp32. None headless."""
+    management = _management()
+    if management is None:
+        return None
+    unet_device = management.get_torch_device()
+    transformer_dtype = management.unet_dtype(unet_device, supported_dtypes=[torch.bfloat16, torch.float16,
+                                                                            torch.float32])
+    if transformer_dtype not in (torch.bfloat16, torch.float16, torch.float32):  # fp8 weight dtypes: ours cast
+        transformer_dtype = torch.bfloat16 if management.should_use_bf16(unet_device) else torch.float16
+    text_device, vae_device = management.text_encoder_device(), management.vae_device()
+    text_dtype = torch.bfloat16 if text_device.type != "cpu" and management.should_use_bf16(text_device) \
+        else torch.float32
+    return {
+        "transformer": (unet_device, management.unet_offload_device(), transformer_dtype),
+        "text_encoder": (text_device, management.text_encoder_offload_device(), text_dtype),
+        "vae": (vae_device, management.vae_offload_device(),
+                management.vae_dtype(vae_device, [torch.bfloat16, torch.float32])),
+    }
+
+
+def step_reporter(total: int, latent_format: str = "Wan21"):
+    """A sampler callback (step, total, x, denoised): ComfyUI's progress bar with a latent preview (Latent2RGB or
+    TAESD, as the user's --preview-method says); each step is a cancel point. Headless: a log line per step."""
+    utils = None if _headless is not None else _module("comfy.utils")
+    management = _management()
+    if utils is None or management is None:
+        return lambda step, of, x, denoised: log.info("step %d/%d", step, of)
+    bar = utils.ProgressBar(total)
+    previewer = _previewer(management, latent_format)
+
+    def report(step: int, of: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        management.throw_exception_if_processing_interrupted()
+        preview = None
+        if previewer is not None:
+            try:
+                preview = previewer.decode_latent_to_preview_image("JPEG", denoised)
+            except Exception as exc:  # a preview must never fail a run
+                log.debug("latent preview failed: %s", exc)
+        bar.update_absolute(step, of, preview)
+
+    return report
+
+
+def _previewer(management, latent_format: str):
+    latent_preview, formats = _module("latent_preview"), _module("comfy.latent_formats")
+    if latent_preview is None or formats is None or not hasattr(formats, latent_format):
+        return None
+    return latent_preview.get_previewer(management.get_torch_device(), getattr(formats, latent_format)())
+
+
 def memory_for(handle):
     """Inside ComfyUI: a memory policy that hands the handle's components to ComfyUI's model manager
     (one ModelPatcher each, kept as long as the handle lives); None headless (the pipeline's local policy)."""

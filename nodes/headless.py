@@ -126,9 +126,9 @@ def apply_overrides(prompt: dict[str, dict], overrides: list[str], mappings: Map
         node_ref, dot, name = target.rpartition(".")
         if not sep or not dot:
             raise WorkflowError(f"--set {item!r}: use NODE.INPUT=VALUE, e.g. sampler.steps=4.")
-        matches = [k for k, v in prompt.items()
-                   if node_ref in (k, v["_meta"]["title"], v["class_type"])
-                   or node_ref.lower() in v["class_type"].lower()]
+        # an exact id, title or class wins over a part of a class name (FlipbookWanTextEncode vs ...EncoderLoader)
+        matches = ([k for k, v in prompt.items() if node_ref in (k, v["_meta"]["title"], v["class_type"])]
+                   or [k for k, v in prompt.items() if node_ref.lower() in v["class_type"].lower()])
         if len(matches) != 1:
             raise WorkflowError(f"--set {item!r}: {node_ref!r} matches {len(matches)} nodes; use the node id.")
         try:

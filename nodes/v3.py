@@ -6,7 +6,8 @@ from typing import Any
 from .specs import NodeSpec, Param
 
 WIDGETS = {"INT": "Int", "FLOAT": "Float", "STRING": "String", "BOOLEAN": "Boolean"}
-LINKS = {"IMAGE": "Image", "AUDIO": "Audio", "VIDEO": "Video", "FLOAT": "Float", "INT": "Int"}
+LINKS = {"IMAGE": "Image", "AUDIO": "Audio", "VIDEO": "Video", "FLOAT": "Float", "INT": "Int", "LATENT": "Latent",
+         "CONDITIONING": "Conditioning"}
 
 
 def _input(io: Any, param: Param):

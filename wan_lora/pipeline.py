@@ -179,3 +179,95 @@ def sample_wan(model: WanModel, request: WanSampleRequest, *, progress: Optional
     return WanSampleResult(latents=latents.float().cpu(), settings=settings, sigmas=sigmas, notes=checked.notes,
                            denoiser_calls=denoiser.calls, model_forwards=denoiser.forwards,
                            nag_calls=nag_state.calls_with_nag if nag_state is not None else 0)
+
+
+@dataclass(frozen=True, repr=False)
+class WanTextEncoder:
+    name: str
+    layout: object  # text_encoder.UMT5Layout
+    handle: ModelHandle  # one component, "text_encoder"
+    tokenizer: object  # text_encoder.UMT5Tokenizer (from the file's own spiece_model)
+
+    def __repr__(self) -> str:
+        return f"WanTextEncoder({self.name}, {self.layout.storage})"
+
+
+@dataclass(frozen=True, repr=False)
+class WanVAE:
+    name: str
+    layout: object  # vae.WanVAELayout
+    handle: ModelHandle  # one component, "vae"
+
+    def __repr__(self) -> str:
+        return f"WanVAE({self.name})"
+
+
+def _placed(placement: Optional[Placement], device: Optional[str], dtype: Optional[torch.dtype]) -> dict:
+    torch_device = resolve_device(device)
+    load, offload, its_dtype = placement or (torch_device, torch.device("cpu"), dtype or default_dtype(torch_device))
+    return dict(load_device=torch.device(load), offload_device=torch.device(offload), dtype=its_dtype)
+
+
+def load_wan_text_encoder(path: str | Path, *, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                          placement: Optional[Placement] = None) -> WanTextEncoder:
+    """umt5-xxl from ComfyUI's text_encoders file, with the sentencepiece tokenizer embedded in it."""
+    from .text_encoder import inspect_umt5, load_tokenizer, text_encoder_component
+
+    path = Path(path)
+    layout = inspect_umt5(path)
+    component = text_encoder_component(layout, **_placed(placement, device, dtype))
+    component.materialize(torch.device("cpu"))
+    return WanTextEncoder(name=path.name, layout=layout, handle=ModelHandle({"text_encoder": component}),
+                          tokenizer=load_tokenizer(layout))
+
+
+def encode_wan_prompt(encoder: WanTextEncoder, text: str, *, memory: Optional[MemoryPolicy] = None):
+    """[1, 512, 4096] umt5 embeddings (zero past the tokens; text_encoder.PromptEmbedding)."""
+    from .text_encoder import encode_prompt
+
+    component = encoder.handle["text_encoder"]
+    (memory or LocalMemory(encoder.handle)).prepare([component])
+    return encode_prompt(component.module, encoder.tokenizer, text, device=component.load_device)
+
+
+def load_wan_vae(path: str | Path, *, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                 placement: Optional[Placement] = None) -> WanVAE:
+    """The Wan 2.1 video VAE (vae/wan_2.1_vae.safetensors). fp32 by default off CUDA (diffusers recommends fp32)."""
+    from .vae import inspect_wan_vae, vae_component
+
+    path = Path(path)
+    layout = inspect_wan_vae(path)
+    component = vae_component(layout, **_placed(placement, device, dtype))
+    component.materialize(torch.device("cpu"))
+    return WanVAE(name=path.name, layout=layout, handle=ModelHandle({"vae": component}))
+
+
+def decode_wan(vae: WanVAE, latents: torch.Tensor, *, progress: Optional[ProgressFn] = None,
+               memory: Optional[MemoryPolicy] = None) -> torch.Tensor:
+    """Normalised Wan latents [B, 16, F', h, w] -> IMAGE frames [B*F, H, W, 3] in 0..1."""
+    from .vae import decode_wan_latents, decode_working_bytes
+
+    component = vae.handle["vae"]
+    (memory or LocalMemory(vae.handle)).prepare(
+        [component], decode_working_bytes(tuple(latents.shape), dtype=component.dtype or torch.float32))
+    return decode_wan_latents(component.module, latents, progress=progress, source=vae.name)
+
+
+def _latent_stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+
+    shape = (1, -1, 1, 1, 1)
+    return (torch.tensor(WAN21_LATENTS_MEAN, dtype=torch.float32).view(shape).to(like.device),
+            torch.tensor(WAN21_LATENTS_STD, dtype=torch.float32).view(shape).to(like.device))
+
+
+def to_comfy_latent(latents: torch.Tensor) -> torch.Tensor:
+    """Wan's normalised latents -> the VAE's own latent space, which ComfyUI's LATENT holds for Wan
+    (comfy/latent_formats.py Wan21: process_in = (x - mean) / std on the way into the model, process_out back)."""
+    mean, std = _latent_stats(latents)
+    return latents.float() * std + mean
+
+
+def from_comfy_latent(samples: torch.Tensor) -> torch.Tensor:
+    mean, std = _latent_stats(samples)
+    return (samples.float() - mean) / std

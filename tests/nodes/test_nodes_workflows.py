@@ -225,7 +225,8 @@ def _fake_io():
         return types.SimpleNamespace(Input=Input, Output=Output)
 
     for name, type_name in (("Int", "INT"), ("Float", "FLOAT"), ("String", "STRING"), ("Boolean", "BOOLEAN"),
-                            ("Combo", "COMBO"), ("Image", "IMAGE"), ("Audio", "AUDIO"), ("Video", "VIDEO")):
+                            ("Combo", "COMBO"), ("Image", "IMAGE"), ("Audio", "AUDIO"), ("Video", "VIDEO"),
+                            ("Latent", "LATENT"), ("Conditioning", "CONDITIONING")):
         setattr(io, name, kind(type_name))
     io.UploadType = types.SimpleNamespace(video="video_upload")
     io.Custom = kind

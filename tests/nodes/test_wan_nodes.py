@@ -1,0 +1,165 @@
+"""nodes/wan_nodes.py and the Wan workflow: every bundled workflow is frontend-shaped; the Wan workflow runs
+headless on the demo's tiny models (17 frames, 64 px) with a fixed seed giving the same frames each run; every
+widget is settable; bad settings fail when queued, in one line, writing nothing; LATENT is ComfyUI's Wan layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flipbook_pack import NODE_CLASS_MAPPINGS, cli
+from flipbook_pack.core.media.readers import read_mp4_metadata
+from flipbook_pack.nodes import _comfy
+from flipbook_pack.nodes.headless import _has_control_widget, _is_widget, workflow_to_prompt
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+WAN_WORKFLOW = json.loads((ROOT / "workflows" / "wan21_t2v_14b.json").read_text())
+TINY = ["--set", "FlipbookWanSampler.resolution=custom (width x height below)", "--set", "FlipbookWanSampler.width=64",
+        "--set", "FlipbookWanSampler.height=64", "--set", "FlipbookWanSampler.frames=17"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_bundled_workflow_is_frontend_shaped(path):
+    workflow = json.loads(path.read_text())
+    assert workflow["version"] == 0.4 and workflow["last_node_id"] == max(n["id"] for n in workflow["nodes"])
+    assert workflow["last_link_id"] == max(link[0] for link in workflow["links"])
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        if node["type"] == "Note":
+            continue
+        types = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
+        widgets = [(n, s) for n, s in {**types["required"], **types.get("optional", {})}.items() if _is_widget(s)]
+        assert len(node["widgets_values"]) == len(widgets) + sum(_has_control_widget(n, s) for n, s in widgets)
+        for model in node["properties"].get("models", []):
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(model["name"])
+            assert model["name"] in node["widgets_values"]
+    for link_id, origin, slot, target, _, kind in workflow["links"]:
+        assert nodes[origin]["outputs"][slot]["type"] == kind and link_id in nodes[origin]["outputs"][slot]["links"]
+        assert any(i["link"] == link_id and i["type"] == kind for i in nodes[target]["inputs"])
+    # (thumbnail check added with the Wan thumbnail)
+
+
+def test_wan_workflow_holds_the_official_base_settings():
+    prompt = workflow_to_prompt(WAN_WORKFLOW, NODE_CLASS_MAPPINGS)
+    sampler = next(v["inputs"] for v in prompt.values() if v["class_type"] == "FlipbookWanSampler")
+    assert (sampler["preset"], sampler["sampler"], sampler["steps"], sampler["cfg"], sampler["shift"]) == (
+        "wan21_t2v_base", "unipc", 50, 5.0, 5.0)
+    assert (sampler["frames"], sampler["resolution"], sampler["nag_scale"]) == (81, "832x480", 1.0)
+    encode = next(v["inputs"] for v in prompt.values() if v["class_type"] == "FlipbookWanTextEncode")
+    assert encode["negative"].startswith("色调艳丽") and "Ghibli" not in encode["positive"]
+    loader = next(v["inputs"] for v in prompt.values() if v["class_type"] == "FlipbookWanModelLoader")
+    assert loader["model_name"] == "wan2.1_t2v_14B_fp8_e4m3fn.safetensors"
+    save = next(v["inputs"] for v in prompt.values() if v["class_type"] == "FlipbookSaveVideo")
+    assert save["fps"][1] == 1  # the decoder's 16 fps output feeds the save
+
+
+@pytest.fixture(scope="module")
+def wan_models(tmp_path_factory):
+    models = tmp_path_factory.mktemp("wan_models")
+    cli.write_wan_demo_models(models, WAN_WORKFLOW)
+    return models
+
+
+def _run(models, out, *extra):
+    return cli.main(["run", "wan21_t2v_14b.json", "--models", str(models), "--output-dir", str(out), *TINY, *extra])
+
+
+def _frames(video):
+    import av
+
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return frames, float(stream.average_rate)
+
+
+def test_cli_demo_wan_writes_a_17_frame_16_fps_mp4_with_its_workflow(tmp_path, capsys):
+    assert cli.main(["demo", "wan", "--models-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path / "out")]) == 0
+    video = Path(capsys.readouterr().out.strip())
+    for folder, name in (("diffusion_models", "wan2.1_t2v_14B_fp8_e4m3fn.safetensors"),
+                         ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), ("vae", "wan_2.1_vae.safetensors")):
+        assert (tmp_path / "models" / folder / name).is_file()
+    frames, fps = _frames(video)
+    assert (len(frames), fps, frames[0].shape) == (17, 16.0, (64, 64, 3))
+    found = read_mp4_metadata(video)
+    assert found["workflow"]["nodes"][0]["type"] == "FlipbookWanModelLoader"
+    assert next(v for v in found["prompt"].values() if v["class_type"] == "FlipbookWanSampler")["inputs"]["frames"] == 17
+
+
+def test_fixed_seed_gives_the_same_frames_and_every_widget_is_settable(wan_models, tmp_path, capsys):
+    # lossless APNG: the bytes are the frames (x264 encodes the first video of a process slightly differently
+    # from later ones, so MP4 bytes are not a fair check of the generation)
+    runs = []
+    for folder in ("a", "b"):
+        assert _run(wan_models, tmp_path / folder, "--set", "FlipbookWanSampler.steps=6",
+                    "--set", "FlipbookSaveVideo.format=png") == 0
+        runs.append(Path(capsys.readouterr().out.strip()).read_bytes())
+    assert runs[0] == runs[1]
+    settings = ["FlipbookWanSampler.sampler=dpm++", "FlipbookWanSampler.steps=5", "FlipbookWanSampler.cfg=1.0",
+                "FlipbookWanSampler.nag_scale=11", "FlipbookWanSampler.nag_sigma_end=0.5", "FlipbookWanSampler.seed=7",
+                "FlipbookWanTextEncode.positive=a (red:1.2) kite over the sea", "FlipbookSaveVideo.format=webp"]
+    assert _run(wan_models, tmp_path / "c", *[a for s in settings for a in ("--set", s)]) == 0
+    other = Path(capsys.readouterr().out.strip())
+    assert other.suffix == ".webp" and other.is_file()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("FlipbookWanSampler.frames=16", "frames=16: Wan makes 4n+1 frames"),
+    ("FlipbookWanSampler.width=72", "nearest is 64"),
+    ("FlipbookWanSampler.cfg=nan", "cfg=nan"),
+    ("FlipbookWanSampler.nag_tau=inf", "nag_tau=inf"),
+    ("FlipbookWanSampler.resolution=800x600x2", "resolution='800x600x2' is not one of"),
+    ("FlipbookWanSampler.preset=lightx2v_4step", "lightx2v distilled 4-step"),
+])
+def test_bad_settings_are_one_line_and_write_nothing(wan_models, tmp_path, capsys, override, match):
+    out = tmp_path / "out"
+    assert _run(wan_models, out, "--set", override) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_wrong_files_in_the_loaders_are_refused_by_name(wan_models, tmp_path, capsys):
+    from flipbook_pack.wan_lora.tiny_vae import write_tiny_wan_vae
+
+    write_tiny_wan_vae(wan_models / "vae" / "wan2.2_vae.safetensors", kind="wan22")
+    assert _run(wan_models, tmp_path / "out", "--set", "FlipbookWanVAELoader.vae_name=wan2.2_vae.safetensors") == 2
+    err = capsys.readouterr().err
+    assert "wan2.2_vae.safetensors" in err and "wan_2.1_vae.safetensors" in err and err.count("\n") == 1
+
+
+def test_latent_is_comfyuis_wan_layout_and_decodes_through_our_node(wan_models):
+    from flipbook_pack.wan_lora.pipeline import from_comfy_latent, to_comfy_latent
+    from flipbook_pack.wan_lora.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=wan_models, output_dir=wan_models / "out"))
+    try:
+        def run(node_id, **inputs):  # V1 execute: the outputs, or {"ui": notes, "result": outputs}
+            out = NODE_CLASS_MAPPINGS[node_id]().execute(**inputs)
+            return out["result"] if isinstance(out, dict) else out
+
+        (model,) = run("FlipbookWanModelLoader", model_name="wan2.1_t2v_14B_fp8_e4m3fn.safetensors")
+        (encoder,) = run("FlipbookWanTextEncoderLoader", text_encoder_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+        (vae,) = run("FlipbookWanVAELoader", vae_name="wan_2.1_vae.safetensors")
+        positive, negative = run("FlipbookWanTextEncode", text_encoder=encoder, positive="a kite", negative="")
+        assert negative[0][1]["flipbook_empty_negative"] and positive[0][0].shape == (1, 512, 32)
+        sampled = NODE_CLASS_MAPPINGS["FlipbookWanSampler"]().execute(
+            wan_model=model, positive=positive, negative=negative, seed=1, preset="custom", policy="strict", steps=3,
+            cfg=1.0, shift=5.0, sampler="unipc", resolution="custom (width x height below)", width=32, height=48,
+            frames=9, nag_scale=11.0, nag_tau=2.5, nag_alpha=0.25, nag_sigma_end=0.0)
+        (latent,) = sampled["result"]
+        assert "NAG is off: the negative prompt is empty" in sampled["ui"]["flipbook_notes"]
+        samples = latent["samples"]
+        assert samples.shape == (1, 16, 3, 6, 4)  # [B, C, (F-1)/4+1, H/8, W/8] as EmptyHunyuanLatentVideo makes
+        # ComfyUI's LATENT holds the VAE's own space: (x - mean) / std is what the model samples (latent_formats.Wan21)
+        mean = torch.tensor(WAN21_LATENTS_MEAN).view(1, -1, 1, 1, 1)
+        std = torch.tensor(WAN21_LATENTS_STD).view(1, -1, 1, 1, 1)
+        torch.testing.assert_close(from_comfy_latent(samples), (samples - mean) / std)
+        torch.testing.assert_close(to_comfy_latent(from_comfy_latent(samples)), samples)
+        frames, fps = run("FlipbookWanDecode", vae=vae, latent=latent)
+        assert frames.shape == (9, 48, 32, 3) and fps == 16.0
+    finally:
+        _comfy.use_headless(None)
