@@ -26,8 +26,8 @@ from .errors import UnsupportedCheckpointError
 from .model_handle import FP8_DTYPES
 
 SCALE_MARKER = "scaled_fp8"
-WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # first generation, mixed-precision generation
-INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
+WEIGHT_SCALES = (".scale_weight", ".weight_scale")  # first generation, mixed-precision generation
+INPUT_SCALES = (".scale_input", ".input_scale")
 QUANT_INFO_SUFFIX = ".comfy_quant"
 HEADER_QUANT_KEY = "_quantization_metadata"
 # comfy_quant formats that are fp8 with one scale per tensor, and the torch dtype each is stored in
@@ -41,68 +41,76 @@ STORAGE_NAMES = MappingProxyType({torch.float32: "fp32", torch.float16: "fp16", 
 class Fp8Weights:
     """A file's tensors split into plain tensors and per-layer weight scales (layer name -> float32 scale)."""
 
-    tensors: dict[str, torch.Tensor]
-    scales: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]  # everything but the quantization tensors
+    scales: dict[str, torch.Tensor]  # layer -> float32 scale, () or (rows, 1)
     scaled: bool  # a scaled file (marker, scales or quantization metadata), even if no scale was found
 
 
 def is_quantization_key(name: str) -> bool:
     return name == SCALE_MARKER or name.endswith(
-        (*WEIGHT_SCALE_SUFFIXES, *INPUT_SCALE_SUFFIXES, QUANT_INFO_SUFFIX, "." + SCALE_MARKER))
+        (*WEIGHT_SCALES, *INPUT_SCALES, QUANT_INFO_SUFFIX, "." + SCALE_MARKER))
 
 
 def split_fp8_scales(state: Mapping[str, torch.Tensor], *, metadata: Optional[Mapping[str, str]],
-                     file_name: str) -> Fp8Weights:
+                     file_name: str, hint: str = "") -> Fp8Weights:
     """Separate the quantization tensors from the weights and check every scaled layer is fp8 with a scale.
 
-    Refused (typed errors naming the layer): an fp8 weight of a scaled file without its scale; a
-    quantization format other than per-tensor fp8 (e.g. nvfp4, int8 blocks)."""
-    formats = _layer_formats(state, metadata, file_name)
+    Scales come back as float32, shaped () for one per tensor or (rows, 1) for one per output row. Refused
+    (typed errors naming the layer; `hint` says what to download): an fp8 weight of a scaled file without
+    its scale, a scale that fits no weight, a format other than fp8 (e.g. nvfp4, int8 blocks)."""
+    formats = _layer_formats(state, metadata, file_name, hint)
+    tensors = {k: v for k, v in state.items() if not is_quantization_key(k)}
     scales = {}
     for name, tensor in state.items():
-        suffix = next((s for s in WEIGHT_SCALE_SUFFIXES if name.endswith(s)), None)
+        suffix = next((s for s in WEIGHT_SCALES if name.endswith(s)), None)
         if suffix is not None:
-            if tensor.numel() != 1:
-                raise UnsupportedCheckpointError(
-                    f"{file_name}: {name} holds {tensor.numel()} scales; Flipbook reads per-tensor fp8 scales (one "
-                    "number per layer, as ComfyUI's fp8_scaled files have). Use the model's fp8_scaled or bf16 file."
-                )
-            scales[name[: -len(suffix)]] = tensor.float()
-    tensors = {k: v for k, v in state.items() if not is_quantization_key(k)}
+            layer = name[: -len(suffix)]
+            scales[layer] = _shaped_scale(tensor, tensors.get(layer + ".weight"), name, file_name, hint)
     scaled = bool(scales or formats) or any(k == SCALE_MARKER or k.endswith("." + SCALE_MARKER) for k in state)
-    if scaled:
-        unscaled = sorted(k[: -len(".weight")] for k, v in tensors.items()
-                          if v.dtype in FP8_DTYPES and k.endswith(".weight") and k[: -len(".weight")] not in scales)
-        if unscaled:
-            raise UnsupportedCheckpointError(
-                f"{file_name} is an fp8_scaled file, but {len(unscaled)} fp8 layers have no scale (e.g. "
-                f"{unscaled[:3]}): without its scale a weight is about 1000x off and the video is noise. The file "
-                "is damaged or was converted by a tool that dropped the scales; download it again."
-            )
+    unscaled = sorted(k[: -len(".weight")] for k, v in tensors.items()
+                      if scaled and v.dtype in FP8_DTYPES and k.endswith(".weight") and k[: -len(".weight")] not in scales)
+    if unscaled:
+        raise UnsupportedCheckpointError(
+            f"{file_name} is an fp8_scaled file, but layer '{unscaled[0]}' (and {len(unscaled) - 1} more) has no "
+            f"'{WEIGHT_SCALES[0]}'/'{WEIGHT_SCALES[1]}' tensor: without its scale a weight is about 1000x off and "
+            "the video is noise. The file is incomplete or was converted by a tool that dropped the scales. " + hint
+        )
     return Fp8Weights(tensors=tensors, scales=scales, scaled=scaled)
 
 
+def _shaped_scale(scale: torch.Tensor, weight: Optional[torch.Tensor], name: str, file_name: str,
+                  hint: str) -> torch.Tensor:
+    rows = weight.shape[0] if weight is not None and weight.ndim >= 1 else -1
+    if weight is None or not weight.is_floating_point() or scale.numel() not in (1, rows):
+        raise UnsupportedCheckpointError(
+            f"{file_name}: the scale '{name}' fits no floating-point weight (one value per layer, or one per row, "
+            "is required); the file is damaged or in an unknown quantization. " + hint
+        )
+    return scale.float().reshape(()) if scale.numel() == 1 else scale.float().reshape(-1, 1)
+
+
 def _layer_formats(state: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]],
-                   file_name: str) -> dict[str, str]:
+                   file_name: str, hint: str) -> dict[str, str]:
     """layer -> quantization format, from `comfy_quant` tensors and the header's `_quantization_metadata`."""
     formats: dict[str, str] = {}
     raw_header = (metadata or {}).get(HEADER_QUANT_KEY)
     try:
         if raw_header:
             for layer, info in json.loads(raw_header).get("layers", {}).items():
-                formats[layer] = info.get("format", "?")
+                formats[layer] = str(info.get("format"))
         for name, tensor in state.items():
             if name.endswith(QUANT_INFO_SUFFIX):
                 info = json.loads(bytes(tensor.to(torch.uint8).flatten().tolist()).decode("utf-8"))
-                formats[name[: -len(QUANT_INFO_SUFFIX)]] = info.get("format", "?")
+                formats[name[: -len(QUANT_INFO_SUFFIX)]] = str(info.get("format"))
     except (ValueError, AttributeError, UnicodeDecodeError) as exc:
-        raise UnsupportedCheckpointError(f"{file_name}: its quantization metadata is not valid JSON ({exc}); "
-                                         "download the file again.") from None
-    unknown = sorted({f for f in formats.values() if f not in FP8_FORMATS})
+        raise UnsupportedCheckpointError(f"{file_name}: its quantization notes are not the JSON ComfyUI writes "
+                                         f"({exc}); the file is damaged. " + hint) from None
+    unknown = sorted((layer, fmt) for layer, fmt in formats.items() if fmt not in FP8_FORMATS)
     if unknown:
+        layer, fmt = unknown[0]
         raise UnsupportedCheckpointError(
-            f"{file_name} is quantized as {unknown}; Flipbook reads per-tensor fp8 ({sorted(FP8_FORMATS)}), bf16 "
-            "and fp16 files. Use the model's fp8_scaled, fp8_e4m3fn or bf16 release."
+            f"{file_name}: layer '{layer}' (and {len(unknown) - 1} more) is quantized as '{fmt}'; Flipbook reads "
+            f"per-tensor fp8 ({', '.join(FP8_FORMATS)}), bf16 and fp16 files. " + hint
         )
     return formats
 
@@ -119,7 +127,8 @@ def storage_name(tensors: Mapping[str, torch.Tensor], scaled: bool) -> str:
 
 
 def dequantized(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """The real values of a stored weight, in float32 (fp8 values are exact in float32)."""
+    """The real values of a stored weight, in float32 (fp8 values are exact in float32); `scale` shaped () or
+    (rows, 1)."""
     value = weight.float()
     return value * scale.float() if scale is not None else value
 

@@ -6,6 +6,7 @@ batch row, whether NAG applies to it: the positive prompt's rows get NAG, the CF
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -36,7 +37,9 @@ def wan_forward(transformer: torch.nn.Module, nag: Optional[NagState] = None):
     def forward(x: torch.Tensor, t: torch.Tensor, context: Any) -> torch.Tensor:
         embeddings = context.embeddings.to(device=x.device, dtype=x.dtype)
         if nag is not None:
-            nag.prepare_call(sigma=float(t.reshape(-1)[0]) / 1000.0, rows=context.nag_rows.to(x.device))
+            # reading t back waits for the GPU: only when a sigma_end makes NAG depend on it
+            sigma = float(t.reshape(-1)[0]) / 1000.0 if nag.settings.sigma_end > 0 else math.inf
+            nag.prepare_call(sigma=sigma, rows=context.nag_rows, device=x.device)
         return transformer(hidden_states=x, timestep=t.to(x.device).expand(x.shape[0]),
                            encoder_hidden_states=embeddings, return_dict=False)[0]
 

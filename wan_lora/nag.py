@@ -49,17 +49,23 @@ def nag_combine(positive: torch.Tensor, negative: torch.Tensor, *, scale: float,
 @dataclass
 class NagState:
     """Shared by the processors of one run: the settings, the embedded negative text, and, per call,
-    which batch rows get NAG and whether sigma is still above sigma_end."""
+    which batch rows get NAG and whether sigma is still above sigma_end. Row counts are read on the CPU
+    before the rows go to the device, so no block makes the GPU wait for the CPU."""
 
     settings: NagSettings
     negative: torch.Tensor  # [1, 512, dim]: the negative text after the transformer's text embedder
-    rows: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None  # [B] bool on the model's device
+    row_count: int = 0
+    all_rows: bool = False
     active: bool = False
     calls_with_nag: int = field(default=0)
 
-    def prepare_call(self, *, sigma: float, rows: torch.Tensor) -> None:
-        self.active = self.settings.enabled and sigma >= self.settings.sigma_end and bool(rows.any())
-        self.rows = rows
+    def prepare_call(self, *, sigma: float, rows: torch.Tensor, device: torch.device) -> None:
+        """`rows`: the batch's NAG rows, on the CPU."""
+        self.row_count = int(rows.sum())
+        self.all_rows = self.row_count == rows.numel()
+        self.active = self.settings.enabled and sigma >= self.settings.sigma_end and self.row_count > 0
+        self.rows = rows.to(device, non_blocking=True)
         self.calls_with_nag += int(self.active)
 
 
@@ -93,14 +99,17 @@ class NagAttnProcessor:
         key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
         positive = self._attention(query, key, value)
-        rows = state.rows
         neg_key, neg_value = self._negative_keys_values(attn, query)
-        count = int(rows.sum())
-        negative = self._attention(query[rows], neg_key.expand(count, -1, -1, -1), neg_value.expand(count, -1, -1, -1))
-        settings = state.settings
-        combined = positive.clone()
-        combined[rows] = nag_combine(positive[rows], negative, scale=settings.scale, tau=settings.tau,
-                                     alpha=settings.alpha)
+        settings, count = state.settings, state.row_count
+        guided_query = query if state.all_rows else query[state.rows]
+        negative = self._attention(guided_query, neg_key.expand(count, -1, -1, -1),
+                                   neg_value.expand(count, -1, -1, -1))
+        if state.all_rows:  # CFG 1: every row is the positive prompt
+            combined = nag_combine(positive, negative, scale=settings.scale, tau=settings.tau, alpha=settings.alpha)
+        else:
+            combined = positive.clone()
+            combined[state.rows] = nag_combine(positive[state.rows], negative, scale=settings.scale, tau=settings.tau,
+                                               alpha=settings.alpha)
         return attn.to_out[1](attn.to_out[0](combined))
 
 

@@ -13,12 +13,10 @@ zero; ComfyUI's `(text:1.2)` weights are applied as ComfyUI does for every text 
 from __future__ import annotations
 
 import html
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
 import torch
@@ -29,24 +27,18 @@ from ..core.families import WAN_SENTINELS, detect_base_family
 from ..core.guards import require_finite
 from ..core.model_handle import FP8_DTYPES, Component
 from ..core.prompt import parse_weights
+from ..core.quantized import STORAGE_NAMES, dequantized, is_quantization_key, split_fp8_scales
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 512  # Wan text_len / diffusers WanPipeline max_sequence_length
 EOS_ID = 1  # umt5's sentencepiece ids: pad 0, eos 1, unk 2, no bos (google/umt5-xxl)
 SPIECE_KEY = "spiece_model"
-SCALED_MARKER = "scaled_fp8"
 SHARED, EMBED_TOKENS = "shared.weight", "encoder.embed_tokens.weight"  # tied in UMT5EncoderModel
-WEIGHT_SCALES = (".scale_weight", ".weight_scale")  # ComfyUI legacy / new ComfyUI and diffusers spellings
-INPUT_SCALES = (".scale_input", ".input_scale")  # only used by fp8 matmul, which is not done here
-QUANT_CONFIG = ".comfy_quant"
-FP8_FORMATS = frozenset({"float8_e4m3fn", "float8_e5m2"})  # comfy_quant formats that are a plain fp8 cast
 BLOCK_KEYS = ("layer.0.SelfAttention.q.weight", "layer.0.SelfAttention.k.weight", "layer.0.SelfAttention.v.weight",
               "layer.0.SelfAttention.o.weight", "layer.0.SelfAttention.relative_attention_bias.weight",
               "layer.0.layer_norm.weight", "layer.1.DenseReluDense.wi_0.weight",
               "layer.1.DenseReluDense.wi_1.weight", "layer.1.DenseReluDense.wo.weight", "layer.1.layer_norm.weight")
-STORAGE_NAMES = MappingProxyType({torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                                  torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"})
 UNUSED_PREFIXES = ("decoder.", "lm_head.")  # a full (encoder-decoder) UMT5 file: Wan uses the encoder only
 DOWNLOAD_HINT = ("Download umt5_xxl_fp8_e4m3fn_scaled.safetensors or umt5_xxl_fp16.safetensors from "
                  "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/tree/main/split_files/text_encoders "
@@ -61,7 +53,7 @@ class UMT5Layout:
     fingerprint: tuple[int, int]  # size and mtime when inspected: re-reads refuse a changed file
     config: dict[str, Any]  # transformers UMT5Config values, sizes from the tensor shapes
     storage: str  # fp32, fp16, bf16, fp8_e4m3fn, fp8_e5m2 or fp8_scaled
-    scales: Mapping[str, str]  # fp8_scaled: weight key -> its scale's key
+    scaled: bool  # fp8_scaled: weights are dequantized with their scales when read
 
     @property
     def d_model(self) -> int:
@@ -85,10 +77,9 @@ def inspect_umt5(path: str | Path) -> UMT5Layout:
             f"Wan text encoder files embed), so prompts cannot be tokenized. {DOWNLOAD_HINT}")
     config = umt5_config_from_shapes(path.name, state)
     _check_names(path.name, state, config)
-    storage, scales = _storage(path.name, state)
+    storage, scaled = _storage(path.name, state)
     _check_tokenizer(path.name, state[SPIECE_KEY], config["vocab_size"])
-    return UMT5Layout(path=path, fingerprint=fingerprint, config=config, storage=storage,
-                      scales=MappingProxyType(scales))
+    return UMT5Layout(path=path, fingerprint=fingerprint, config=config, storage=storage, scaled=scaled)
 
 
 def _refuse_other_models(name: str, state: Mapping[str, torch.Tensor]) -> None:
@@ -149,8 +140,7 @@ def _encoder_keys(config: Mapping[str, Any]) -> set[str]:
 
 def _is_extra(key: str) -> bool:
     """Tensors that are not encoder weights: the tokenizer, quantization data, the tied copy, a decoder."""
-    return (key in (SPIECE_KEY, SCALED_MARKER, EMBED_TOKENS) or key.startswith(UNUSED_PREFIXES)
-            or key.endswith(WEIGHT_SCALES + INPUT_SCALES + (QUANT_CONFIG,)))
+    return key in (SPIECE_KEY, EMBED_TOKENS) or key.startswith(UNUSED_PREFIXES) or is_quantization_key(key)
 
 
 def _check_names(name: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
@@ -165,50 +155,15 @@ def _check_names(name: str, state: Mapping[str, torch.Tensor], config: Mapping[s
             f"damaged or in another layout. {DOWNLOAD_HINT}")
 
 
-def _quant_format(name: str, key: str, tensor: torch.Tensor) -> str:
-    try:
-        fmt = json.loads(bytes(tensor.numpy()).decode("utf-8")).get("format")
-    except (ValueError, AttributeError):
-        fmt = None
-    if fmt is None:
-        raise UnsupportedCheckpointError(
-            f"{name}: '{key}' is not the JSON quantization note ComfyUI writes ({{\"format\": ...}}); the file is "
-            f"damaged. {DOWNLOAD_HINT}")
-    return str(fmt)
-
-
-def _storage(name: str, state: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, str]]:
-    """The storage name, and for fp8_scaled each weight's scale key (every fp8 Linear must have one)."""
+def _storage(name: str, state: Mapping[str, torch.Tensor]) -> tuple[str, bool]:
+    """The storage name and whether the file is fp8_scaled (core/quantized checks every scale and format)."""
     layer = "encoder.block.0.layer.0.SelfAttention.q.weight"
     if state[layer].dtype not in STORAGE_NAMES:
         raise UnsupportedCheckpointError(
             f"{name} stores its weights as {state[layer].dtype} (e.g. GGUF or int8 quantization), which Flipbook "
             f"cannot read; use the fp16 or fp8_e4m3fn_scaled file. {DOWNLOAD_HINT}")
-    quantized = {k[:-len(QUANT_CONFIG)] + ".weight": k for k in state if k.endswith(QUANT_CONFIG)}
-    for weight, key in quantized.items():
-        fmt = _quant_format(name, key, state[key])
-        if fmt not in FP8_FORMATS:
-            raise UnsupportedCheckpointError(
-                f"{name}: layer '{weight[:-len('.weight')]}' is quantized as '{fmt}'; Flipbook reads "
-                f"{sorted(FP8_FORMATS)} only. {DOWNLOAD_HINT}")
-    scales = {k[:-len(suffix)] + ".weight": k for k in state for suffix in WEIGHT_SCALES if k.endswith(suffix)}
-    if not (scales or quantized or SCALED_MARKER in state):
-        return STORAGE_NAMES[state[layer].dtype], {}
-    linears = [k for k, v in state.items() if k.startswith("encoder.block.") and v.ndim == 2
-               and not k.endswith("relative_attention_bias.weight")]
-    unscaled = [k for k in linears if (state[k].dtype in FP8_DTYPES or k in quantized) and k not in scales]
-    if unscaled:
-        raise UnsupportedCheckpointError(
-            f"{name} is an fp8_scaled file, but layer '{unscaled[0][:-len('.weight')]}' (and {len(unscaled) - 1} "
-            f"more) has no '{WEIGHT_SCALES[0]}'/'{WEIGHT_SCALES[1]}' tensor: its fp8 weights would be about 1000x "
-            f"too large. The file is incomplete or was edited. {DOWNLOAD_HINT}")
-    for weight, key in scales.items():
-        rows = state[weight].shape[0] if weight in state else -1
-        if weight not in state or not state[weight].is_floating_point() or state[key].numel() not in (1, rows):
-            raise UnsupportedCheckpointError(
-                f"{name}: the scale '{key}' does not fit a floating-point weight '{weight}' (one value, or one per "
-                f"row, is required); the file is damaged or in an unknown quantization. {DOWNLOAD_HINT}")
-    return "fp8_scaled", scales
+    weights = split_fp8_scales(state, metadata=None, file_name=name, hint=DOWNLOAD_HINT)
+    return ("fp8_scaled" if weights.scaled else STORAGE_NAMES[state[layer].dtype]), weights.scaled
 
 
 def _check_tokenizer(name: str, proto: torch.Tensor, vocab_size: int) -> None:
@@ -232,14 +187,14 @@ def text_encoder_weights(layout: UMT5Layout, *, dtype: torch.dtype = torch.float
     as W.float() * scale (comfy/ops.py scaled_fp8_ops), plain ones upcast; one layer at a time, so only one
     fp32 copy of a layer exists at once. Other tensors stay as stored (memory-mapped)."""
     state = load_state_dict(layout.path, expect=layout.fingerprint)
+    weights = split_fp8_scales(state, metadata=None, file_name=layout.path.name, hint=DOWNLOAD_HINT)
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
+    for key, tensor in weights.tensors.items():
         if _is_extra(key) and not (key == EMBED_TOKENS and SHARED not in state):
             continue
-        if key in layout.scales:
-            scale = state[layout.scales[key]].float()
-            scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
-            tensor = (tensor.float() * scale).to(dtype)
+        scale = weights.scales.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        if scale is not None:
+            tensor = dequantized(tensor, scale).to(dtype)
         elif tensor.dtype in FP8_DTYPES:
             tensor = tensor.to(dtype)
         out[SHARED if key == EMBED_TOKENS else key] = tensor

@@ -32,6 +32,7 @@ HEAD_DIM = 128  # every Wan 2.x model (wan/configs: dim / num_heads)
 SIZES = {(5120, 40): "14B", (1536, 30): "1.3B"}
 DOWNLOAD = ("https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/tree/main/split_files/diffusion_models "
             "(wan2.1_t2v_14B_fp8_e4m3fn.safetensors, _fp8_scaled, _bf16 or _fp16)")
+_HINT = f"Download the model again: {DOWNLOAD}."
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,13 @@ def inspect_wan_transformer(path: str | Path) -> WanTransformerLayout:
     fingerprint = file_fingerprint(path)
     prefix, state = strip_prefix(load_state_dict(path))  # memory-mapped: only shapes and dtypes are read
     _require_t2v(path.name, state)
-    weights = split_fp8_scales(state, metadata=_metadata(path), file_name=path.name)
+    weights = split_fp8_scales(state, metadata=_metadata(path), file_name=path.name, hint=_HINT)
     config = _config_from_shapes(path.name, weights.tensors)
-    fp8_linears = frozenset(k[: -len(".weight")] for k, v in weights.tensors.items()
+    # kept fp8 and cast per forward: block Linears with no scale or one per tensor (per-row ones: dequantized)
+    fp8_linears = frozenset(layer for k, v in weights.tensors.items()
                             if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2
-                            and v.dtype in FP8_DTYPES)
+                            and v.dtype in FP8_DTYPES and weights.scales.get(layer := k[: -len(".weight")],
+                                                                            torch.ones(())).ndim == 0)
     return WanTransformerLayout(
         path=path, fingerprint=fingerprint, prefix=prefix, config=config,
         size=SIZES.get((config["num_attention_heads"] * HEAD_DIM, config["num_layers"]), "custom"),
@@ -162,14 +165,14 @@ def transformer_weights(layout: WanTransformerLayout) -> dict[str, torch.Tensor]
 
     path = layout.path
     _, state = strip_prefix(load_state_dict(path, expect=layout.fingerprint))
-    weights = split_fp8_scales(state, metadata=_metadata(path), file_name=path.name)
+    weights = split_fp8_scales(state, metadata=_metadata(path), file_name=path.name, hint=_HINT)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in weights.tensors.items():
         layer = name.rpartition(".")[0]
         if layer in layout.fp8_linears and name.endswith(".weight"):
             tensors[name] = tensor
             if layout.scaled:
-                tensors[layer + ".weight_scale"] = weights.scales[layer].reshape(())
+                tensors[layer + ".weight_scale"] = weights.scales[layer]
         elif tensor.dtype in FP8_DTYPES or (name.endswith(".weight") and layer in weights.scales):
             tensors[name] = dequantized(tensor, weights.scales.get(layer) if name.endswith(".weight") else None)
         else:
