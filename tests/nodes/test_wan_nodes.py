@@ -163,3 +163,79 @@ def test_latent_is_comfyuis_wan_layout_and_decodes_through_our_node(wan_models):
         assert frames.shape == (9, 48, 32, 3) and fps == 16.0
     finally:
         _comfy.use_headless(None)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture()
+def fake_comfy(monkeypatch):
+    """ComfyUI's progress bar, interrupt, previewer and device answers, recorded."""
+    import sys
+    import types
+
+    state = {"updates": [], "interrupt_after": None, "previews": 0}
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            state["updates"].append((value, total, preview))
+
+    utils.ProgressBar = ProgressBar
+    management = types.ModuleType("comfy.model_management")
+
+    def check():
+        if state["interrupt_after"] is not None and len(state["updates"]) >= state["interrupt_after"]:
+            raise Interrupted()
+
+    management.throw_exception_if_processing_interrupted = check
+    management.get_torch_device = lambda: torch.device("cpu")
+    management.unet_dtype = lambda device=None, supported_dtypes=(): supported_dtypes[0]
+    management.should_use_bf16 = lambda device=None: True
+    management.unet_offload_device = lambda: torch.device("cpu")
+    management.text_encoder_device = lambda: torch.device("cpu")
+    management.text_encoder_offload_device = lambda: torch.device("cpu")
+    management.vae_device = lambda: torch.device("cpu")
+    management.vae_offload_device = lambda: torch.device("cpu")
+    management.vae_dtype = lambda device=None, allowed=(): allowed[-1]
+    formats = types.ModuleType("comfy.latent_formats")
+    formats.Wan21 = lambda: "wan21-format"
+    previews = types.ModuleType("latent_preview")
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, fmt, x0):
+            assert x0.ndim == 5 and x0.shape[1] == 16  # the video latent, as ComfyUI's Latent2RGB takes it
+            state["previews"] += 1
+            return ("JPEG", "image", 512)
+
+    previews.get_previewer = lambda device, latent_format: Previewer() if latent_format == "wan21-format" else None
+    for name, module in {"comfy": types.ModuleType("comfy"), "comfy.utils": utils,
+                         "comfy.model_management": management, "comfy.latent_formats": formats,
+                         "latent_preview": previews}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return state
+
+
+def test_inside_comfyui_steps_report_progress_with_previews_and_cancel(fake_comfy, wan_models):
+    from flipbook_pack.wan_lora import pipeline as W
+
+    placements = _comfy.wan_placements()
+    assert placements["transformer"][2] == torch.bfloat16 and placements["text_encoder"][2] == torch.float32
+    assert placements["vae"][2] == torch.float32  # (a CPU: ComfyUI's VAE dtype choice is honoured)
+    model = W.load_wan_transformer(wan_models / "diffusion_models" / "wan2.1_t2v_14B_fp8_e4m3fn.safetensors",
+                                   device="cpu", dtype=torch.float32)
+    context = torch.zeros(1, 512, 32)
+    request = W.WanSampleRequest(positive=context, negative=context, frames=5, width=32, height=32, steps=4,
+                                 cfg=1.0, sampler="euler", preset="custom")
+    W.sample_wan(model, request, callback=_comfy.step_reporter(4))
+    assert [u[:2] for u in fake_comfy["updates"]] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert fake_comfy["previews"] == 4 and fake_comfy["updates"][0][2] == ("JPEG", "image", 512)
+    fake_comfy["updates"].clear()
+    fake_comfy["interrupt_after"] = 2
+    with pytest.raises(Interrupted):
+        W.sample_wan(model, request, callback=_comfy.step_reporter(4))
+    assert len(fake_comfy["updates"]) == 2
