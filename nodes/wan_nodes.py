@@ -206,7 +206,7 @@ SAMPLER = NodeSpec(
               "default 8 also works at 720p).", {"default": 5.0, "min": 0.1, "max": 50.0, "step": 0.1}),
         Param("sampler", "COMBO", "unipc: Wan's default (UniPC bh2). dpm++: Wan's DPM-Solver++ 2M. euler: the "
               "distilled 4-step schedule (lightx2v).", {"default": "unipc"}, choices=lambda: ["unipc", "dpm++", "euler"]),
-        Param("resolution", "COMBO", "Width x height. 14B: 832x480 / 480x832 (480p), 1280x720 (720p). Pick custom to "
+        Param("resolution", "COMBO", "Width x height. 14B: 832x480 / 480x832 (480p), 1280x720 / 720x1280 (720p). Pick custom to "
               "use the width and height below.", {"default": "832x480"},
               choices=lambda: [*P.RESOLUTIONS, CUSTOM_SIZE]),
         Param("width", "INT", "Used when resolution is custom; a multiple of 16.",

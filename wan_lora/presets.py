@@ -30,8 +30,9 @@ CUSTOM = "custom"  # no preset: every setting as given
 FPS = 16
 DEFAULT_FRAMES = 81
 SIZE_STEP = 16  # VAE stride 8 x patch 2
-# the seed workflow's sizes (width x height) offered as presets; any multiple of 16 is valid
-RESOLUTIONS = ("832x480", "480x832", "640x480", "768x416", "384x384", "384x208")
+# Wan 2.1 14B's supported sizes (wan/configs/__init__.py SUPPORTED_SIZES) and the seed workflow's sizes, offered as
+# presets (width x height); any multiple of 16 is valid
+RESOLUTIONS = ("832x480", "480x832", "1280x720", "720x1280", "640x480", "768x416", "384x384", "384x208")
 # wan/configs/shared_config.py sample_neg_prompt (Wan's default when the negative prompt is empty)
 DEFAULT_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
                     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"

@@ -39,7 +39,7 @@ def test_every_bundled_workflow_is_frontend_shaped(path):
     for link_id, origin, slot, target, _, kind in workflow["links"]:
         assert nodes[origin]["outputs"][slot]["type"] == kind and link_id in nodes[origin]["outputs"][slot]["links"]
         assert any(i["link"] == link_id and i["type"] == kind for i in nodes[target]["inputs"])
-    # (thumbnail check added with the Wan thumbnail)
+    assert (path.with_suffix(".jpg")).is_file()  # the template thumbnail
 
 
 def test_wan_workflow_holds_the_official_base_settings():
