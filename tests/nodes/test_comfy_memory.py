@@ -120,3 +120,50 @@ def test_every_component_streamed_gives_the_same_frames(managed):
     embeddings = [m for m in model.text_encoder.modules() if isinstance(m, torch.nn.Embedding)]
     assert embeddings and all(m.comfy_cast_weights for m in embeddings)
     torch.testing.assert_close(P.generate(model, REQUEST, memory=_NoLoad()).frames, before)
+
+
+@pytest.fixture()
+def wan_managed(tmp_path, inside_comfyui):
+    from flipbook_pack.wan_lora import pipeline as W
+    from flipbook_pack.wan_lora import tiny_transformer as T
+
+    path = T.write_tiny_wan(tmp_path / "wan2.1_t2v_tiny_fp8_scaled.safetensors", storage="fp8_scaled")
+    placements = _comfy.wan_placements()
+    model = W.load_wan_transformer(path, placement=placements["transformer"])
+    headless = W.load_wan_transformer(path, device="cpu", dtype=placements["transformer"][2])
+    return model, _comfy.memory_for(model.handle), headless
+
+
+def _wan_request():
+    from flipbook_pack.wan_lora import pipeline as W
+    from flipbook_pack.wan_lora.nag import NagSettings
+
+    positive, negative = torch.zeros(1, 512, 32), torch.zeros(1, 512, 32)
+    positive[:, :5], negative[:, :9] = torch.randn(1, 5, 32), torch.randn(1, 9, 32)
+    return W.WanSampleRequest(positive=positive, negative=negative, frames=5, width=32, height=32, steps=3, cfg=1.0,
+                              sampler="euler", preset="custom", nag=NagSettings())
+
+
+def test_wan_fp8_transformer_under_comfyuis_manager_samples_as_headless(wan_managed, monkeypatch):
+    """The fp8_scaled transformer as one ModelPatcher: loaded before sampling, unloaded by /free (its weights
+    released and read again), fully and partially loaded; the latents equal the headless run's every time."""
+    from flipbook_pack.wan_lora import pipeline as W
+
+    model, memory, headless = wan_managed
+    request = _wan_request()
+    expected = W.sample_wan(headless, request).latents
+    requested = []
+    real = management.load_models_gpu
+    monkeypatch.setattr(management, "load_models_gpu",
+                        lambda models, **kw: (requested.append([p.model.network for p in models]), real(models, **kw)))
+    torch.testing.assert_close(W.sample_wan(model, request, memory=memory).latents, expected)
+    assert requested == [[model.transformer]] and memory.patchers["transformer"] in management.loaded_models()
+    management.unload_all_models()
+    assert not model.handle["transformer"].resident
+    torch.testing.assert_close(W.sample_wan(model, request, memory=memory).latents, expected)
+    patcher = memory.patchers["transformer"]
+    patcher.detach()
+    model.handle["transformer"].materialize()
+    patcher.partially_load(management.get_torch_device(), extra_memory=1)
+    assert any(getattr(m, "comfy_cast_weights", False) for m in model.transformer.modules())
+    torch.testing.assert_close(W.sample_wan(model, request, memory=_NoLoad()).latents, expected)
