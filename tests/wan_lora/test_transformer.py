@@ -166,3 +166,31 @@ def test_sd_checkpoint_and_truncated_file_are_refused(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CorruptFileError, match="cut.safetensors"):
         inspect_wan_transformer(path)
+
+
+def test_per_row_scales_are_applied_at_load(tmp_path):
+    """A scaled file with one scale per output row (accepted by ComfyUI's mixed-precision loader): those layers
+    are dequantized when read (StoredLinear keeps per-tensor scales only) and still equal the real weights."""
+    from safetensors.torch import load_file, save_file
+
+    state = T.tiny_wan_state()
+    tensors = {}
+    for name, tensor in state.items():
+        if name.startswith("blocks.") and name.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.abs().amax(dim=1).clamp_min(1e-8) / 448.0
+            tensors[name] = (tensor / scale[:, None]).to(torch.float8_e4m3fn)
+            tensors[name[: -len(".weight")] + ".scale_weight"] = scale
+        else:
+            tensors[name] = tensor.to(torch.bfloat16)
+    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(tensors, str(tmp_path / "rows.safetensors"))
+    layout = inspect_wan_transformer(tmp_path / "rows.safetensors")
+    assert layout.storage == "fp8_scaled" and not layout.fp8_linears
+    real = {}
+    for name, tensor in load_file(str(tmp_path / "rows.safetensors")).items():
+        if name == "scaled_fp8" or name.endswith(".scale_weight"):
+            continue
+        scale = tensors.get(name[: -len(".weight")] + ".scale_weight")
+        real[name] = tensor.float() * (scale[:, None] if scale is not None else 1.0)
+    torch.testing.assert_close(_denoised(_load(tmp_path / "rows.safetensors").module), _denoised(_reference(real)),
+                               atol=2e-5, rtol=1e-4)
