@@ -116,6 +116,7 @@ class Component:
     ignore: tuple[str, ...] = ()  # name endings that may be absent from the files (recomputed by `finish`)
     keep_dtypes: frozenset = frozenset()  # storage dtypes adopted as they are (fp8 weights cast per layer)
     size_bytes: int = 0  # from the tensors, kept while released
+    reads: int = 0  # times the weights were read from the files (state derived from them is per read)
 
     @property
     def resident(self) -> bool:
@@ -137,6 +138,7 @@ class Component:
         if stray:
             raise UnsupportedCheckpointError(f"The {self.name} files leave {len(stray)} tensors unset: {stray[:3]}.")
         self.size_bytes = tensor_bytes(self.module)
+        self.reads += 1
 
     def restore(self, device: torch.device) -> None:
         """Read the weights from the files again onto `device` if they were released (else nothing)."""

@@ -14,8 +14,9 @@ input, and these tensors are small.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
@@ -47,6 +48,7 @@ class WanTransformerLayout:
     storage: str  # "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2" or "fp8_scaled"
     fp8_linears: frozenset[str]  # original names of block Linears kept in fp8 (cast per layer at forward)
     scaled: bool
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # original tensor name -> shape (LoRAs)
 
     @property
     def text_dim(self) -> int:
@@ -83,6 +85,7 @@ def inspect_wan_transformer(path: str | Path) -> WanTransformerLayout:
         path=path, fingerprint=fingerprint, prefix=prefix, config=config,
         size=SIZES.get((config["num_attention_heads"] * HEAD_DIM, config["num_layers"]), "custom"),
         storage=storage_name(weights.tensors, weights.scaled), fp8_linears=fp8_linears, scaled=weights.scaled,
+        shapes=MappingProxyType({k: tuple(v.shape) for k, v in weights.tensors.items()}),
     )
 
 
@@ -151,7 +154,7 @@ def _config_from_shapes(name: str, state: Mapping[str, torch.Tensor]) -> dict[st
     return config
 
 
-def _diffusers_names(original: list[str]) -> dict[str, str]:
+def diffusers_names(original: list[str]) -> dict[str, str]:
     """Original Wan tensor name -> diffusers name, by diffusers' own converter."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
@@ -187,18 +190,22 @@ def transformer_component(layout: WanTransformerLayout, *, load_device: torch.de
 
     with torch.device("meta"):
         module = WanTransformer3DModel(**layout.config).eval()
-    renamed = _diffusers_names([layer + ".weight" for layer in sorted(layout.fp8_linears)])
+    renamed = diffusers_names([layer + ".weight" for layer in sorted(layout.fp8_linears)])
     for diffusers_name in renamed.values():
         store_linear(module.get_submodule(diffusers_name.rpartition(".")[0]), scaled=layout.scaled)
     return Component(name="transformer", module=module, weights=lambda: transformer_weights(layout),
                      load_device=load_device, offload_device=offload_device, dtype=dtype, keep_dtypes=FP8_DTYPES,
-                     finish=_rebuild_rope)
+                     finish=_after_read)
 
 
-def _rebuild_rope(module: torch.nn.Module) -> None:
-    """The RoPE tables are non-persistent buffers no file holds: build them where the weights are (float32)."""
+def _after_read(module: torch.nn.Module) -> None:
+    """The RoPE tables are non-persistent buffers no file holds: build them where the weights are (float32).
+    LoRA factors of an earlier read are dropped: the weights are the file's again (lora_apply)."""
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
+    from .lora_apply import clear_patches
+
+    clear_patches(module)
     device = module.patch_embedding.weight.device
     with torch.device(device):
         module.rope = WanRotaryPosEmbed(module.config.attention_head_dim, module.config.patch_size,

@@ -1,0 +1,165 @@
+"""wan_lora/loras.py + lora_apply.py: every LoRA format, read through the real loader against the tiny transformer,
+gives the denoiser output of a checkpoint merged by hand from the formula; the match report counts are exact;
+swaps restore the base bit for bit; bad LoRAs are typed errors naming both models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flipbook_pack.core import denoisers
+from flipbook_pack.core.errors import IncompatibleModelsError, UnsupportedCheckpointError
+from flipbook_pack.wan_lora import tiny_loras as L
+from flipbook_pack.wan_lora import tiny_transformer as T
+from flipbook_pack.wan_lora.conditioning import WanContext, wan_forward
+from flipbook_pack.wan_lora.lora_apply import apply_lora_stack
+from flipbook_pack.wan_lora.loras import read_wan_lora
+from flipbook_pack.wan_lora.transformer import inspect_wan_transformer, transformer_component
+
+CPU = torch.device("cpu")
+EXPECTED = {  # counted kind -> patches, for the tiny model's 2 blocks
+    "musubi": {"lora": 20}, "musubi_fun": {"lora": 20}, "comfy": {"lora": 20}, "diffusers": {"lora": 20},
+    "diffsynth": {"lora": 20}, "i2v": {"lora": 20},
+    # lightx2v: 20 block Linears + 5 embedding/projection LoRAs; diffs of 5 norm weights per block + head.head +
+    # patch_embedding; 11 biases per block + 7 outside; 2 block modulations + the head's
+    "lightx2v": {"lora": 25, "diff": 12, "diff_b": 29, "diff_m": 3},
+}
+
+
+def _component(path, dtype=torch.float32):
+    component = transformer_component(inspect_wan_transformer(path), load_device=CPU, offload_device=CPU,
+                                      dtype=dtype)
+    component.materialize()
+    return component
+
+
+def _denoised(module, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 2, 8, 8, generator=generator)
+    context = torch.zeros(1, 512, 32)
+    context[:, :7] = torch.randn(1, 7, 32, generator=generator)
+    denoiser = denoisers.Denoiser(forward=wan_forward(module), parameterization=denoisers.flow_prediction(),
+                                  positive=WanContext.of(context, nag=False))
+    return denoiser(x, torch.tensor(0.8))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wan")
+    path = T.write_tiny_wan(folder / "wan2.1_t2v_tiny.safetensors", storage="fp32")
+    return path, _component(path)
+
+
+def _hand_merged(tmp_path, plain_loras, storage="fp32"):
+    from safetensors.torch import save_file
+
+    merged = L.merged_by_hand(plain_loras)
+    path = tmp_path / "merged.safetensors"
+    save_file({k: v.contiguous() for k, v in merged.items()}, str(path))
+    return _component(path)
+
+
+@pytest.mark.parametrize("fmt", L.FORMATS)
+def test_each_format_equals_a_checkpoint_merged_by_hand(base, tmp_path, fmt):
+    path, component = base
+    lora_path, plain = L.write_tiny_lora(tmp_path / f"{fmt}.safetensors", fmt=fmt)
+    lora = read_wan_lora(lora_path, layout=inspect_wan_transformer(path), model_name=path.name)
+    assert {k: v for k, v in lora.report.applied.items() if v} == EXPECTED[fmt]
+    assert len(lora.report.expected_unmatched) == (10 if fmt == "i2v" else 0)  # keys: 2 x (k_img, v_img pairs + norm)
+    apply_lora_stack(component, [(lora, 0.7)])
+    try:
+        ours = _denoised(component.module)
+    finally:
+        apply_lora_stack(component, [])
+    reference = _denoised(_hand_merged(tmp_path, [(plain, 0.7)]).module)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert (ours - _denoised(component.module)).abs().max() > 1e-3  # the LoRA did something
+
+
+def test_a_stack_swaps_and_swaps_back_bit_for_bit(base, tmp_path):
+    path, component = base
+    layout = inspect_wan_transformer(path)
+    style_path, style = L.write_tiny_lora(tmp_path / "style.safetensors", fmt="musubi", seed=2)
+    distill_path, distill = L.write_tiny_lora(tmp_path / "lightx2v.safetensors", fmt="lightx2v", seed=3)
+    style_lora = read_wan_lora(style_path, layout=layout, model_name=path.name)
+    distill_lora = read_wan_lora(distill_path, layout=layout, model_name=path.name)
+    original = _denoised(component.module)
+    apply_lora_stack(component, [(style_lora, 1.0), (distill_lora, 0.9)])
+    both = _denoised(component.module)
+    torch.testing.assert_close(both, _denoised(_hand_merged(tmp_path, [(style, 1.0), (distill, 0.9)]).module),
+                               atol=1e-5, rtol=1e-5)
+    apply_lora_stack(component, [(style_lora, 0.5)])  # a strength change re-patches from the kept originals
+    half = _denoised(component.module)
+    apply_lora_stack(component, [])
+    assert torch.equal(_denoised(component.module), original)
+    apply_lora_stack(component, [(style_lora, 1.0), (distill_lora, 0.9)])
+    assert torch.equal(_denoised(component.module), both)
+    apply_lora_stack(component, [(style_lora, 0.5)])
+    assert torch.equal(_denoised(component.module), half)
+    apply_lora_stack(component, [])
+    assert torch.equal(_denoised(component.module), original)
+    assert style_lora.report.distill is False and distill_lora.report.distill is True
+
+
+def test_fp8_base_keeps_its_weights_and_equals_the_dequantized_merge(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = T.write_tiny_wan(tmp_path / "wan_fp8_scaled.safetensors", storage="fp8_scaled")
+    component = _component(path)
+    weights_before = {n: p.clone() for n, p in component.module.named_parameters()}
+    lora_path, plain = L.write_tiny_lora(tmp_path / "style.safetensors", fmt="comfy")
+    lora = read_wan_lora(lora_path, layout=inspect_wan_transformer(path), model_name=path.name)
+    apply_lora_stack(component, [(lora, 1.0)])
+    ours = _denoised(component.module)
+    merged = T.dequantized_state(load_file(str(path)))
+    for name, patch in plain.items():
+        merged[name] = merged[name] + patch[3] * (patch[1] @ patch[2])
+    save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp_path / "merged.safetensors"))
+    torch.testing.assert_close(ours, _denoised(_component(tmp_path / "merged.safetensors").module),
+                               atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(p, weights_before[n]) for n, p in component.module.named_parameters())
+
+
+def test_trigger_comes_from_the_files_metadata(base, tmp_path):
+    path, _ = base
+    lora_path, _ = L.write_tiny_lora(tmp_path / "ghibli.safetensors", fmt="musubi", trigger="Studio Ghibli style.")
+    lora = read_wan_lora(lora_path, layout=inspect_wan_transformer(path), model_name=path.name)
+    assert lora.report.trigger == "Studio Ghibli style."
+    assert "musubi" in lora.report.summary() and "20 lora" in lora.report.summary()
+
+
+def _edited(source, target, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(source))
+    edit(tensors)
+    save_file(tensors, str(target))
+    return target
+
+
+def test_bad_loras_are_typed_errors_naming_both_models(base, tmp_path):
+    path, _ = base
+    layout = inspect_wan_transformer(path)
+    wide, _ = L.write_tiny_lora(tmp_path / "wide.safetensors", fmt="comfy", sizes=T.TinyWanSizes(heads=2))
+    with pytest.raises(IncompatibleModelsError, match=r"wide.safetensors is a LoRA for a 256-wide model.*128"):
+        read_wan_lora(wide, layout=layout, model_name=path.name)
+    comfy, _ = L.write_tiny_lora(tmp_path / "comfy.safetensors", fmt="comfy")
+    cases = {
+        "unknown_key": (lambda t: t.__setitem__("diffusion_model.blocks.0.mystery.lora_A.weight", torch.zeros(4, 4)),
+                        UnsupportedCheckpointError, "match nothing"),
+        "half_pair": (lambda t: t.pop("diffusion_model.blocks.1.ffn.2.lora_B.weight"), UnsupportedCheckpointError,
+                      "incomplete"),
+        "dora": (lambda t: t.__setitem__("diffusion_model.blocks.0.ffn.2.dora_scale", torch.ones(128)),
+                 UnsupportedCheckpointError, "DoRA"),
+        "i2v_patch": (lambda t: t.__setitem__("diffusion_model.patch_embedding.diff", torch.zeros(128, 36, 1, 2, 2)),
+                      IncompatibleModelsError, "do not fit"),
+    }
+    for name, (edit, error, words) in cases.items():
+        with pytest.raises(error, match=words):
+            read_wan_lora(_edited(comfy, tmp_path / f"{name}.safetensors", edit), layout=layout, model_name=path.name)
+    renamed = _edited(comfy, tmp_path / "wan2.2_t2v_style.safetensors", lambda t: None)
+    with pytest.raises(IncompatibleModelsError, match="Wan 2.2"):
+        read_wan_lora(renamed, layout=layout, model_name=path.name)
+    sd = _edited(comfy, tmp_path / "sd_lora.safetensors", lambda t: [t.clear(), t.update(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 4)})])
+    with pytest.raises(IncompatibleModelsError, match="Stable Diffusion LoRA"):
+        read_wan_lora(sd, layout=layout, model_name=path.name)
