@@ -14,7 +14,7 @@ from .core.media.writers import FORMATS
 PACK_DIR = Path(__file__).resolve().parent
 WORKFLOWS = PACK_DIR / "workflows"
 DEMO_WORKFLOW = WORKFLOWS / "lightning_4step_t2v.json"
-WAN_DEMO_WORKFLOW = WORKFLOWS / "wan21_t2v_14b.json"
+WAN_DEMO_WORKFLOW = WORKFLOWS / "wan21_t2v_14b_style_lora_lightx2v.json"
 # tiny models are tiny in width too: the demos sample 64 px (Wan: 17 frames) so they finish in seconds on a CPU
 DEMO_OVERRIDES = ("FlipbookLightningSampler.width=64", "FlipbookLightningSampler.height=64")
 WAN_DEMO_OVERRIDES = ("FlipbookWanSampler.resolution=custom (width x height below)", "FlipbookWanSampler.width=64",
@@ -37,12 +37,13 @@ def write_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
 
 
 def write_wan_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
-    """Tiny Wan transformer, umt5 (with an embedded sentencepiece model) and VAE under the workflow's names."""
+    """Tiny Wan transformer, umt5 (with an embedded sentencepiece model), VAE and LoRAs under the workflow's names."""
     from .wan_lora.tiny_models import write_wan_demo_models as write
 
+    loras = tuple(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "FlipbookWanLoraLoader")
     return write(models_dir, transformer=_widget(workflow, "FlipbookWanModelLoader"),
                  text_encoder=_widget(workflow, "FlipbookWanTextEncoderLoader"),
-                 vae=_widget(workflow, "FlipbookWanVAELoader"))
+                 vae=_widget(workflow, "FlipbookWanVAELoader"), loras=loras)
 
 
 DEMOS = {"lightning": (DEMO_WORKFLOW, write_demo_models, DEMO_OVERRIDES),

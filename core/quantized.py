@@ -126,6 +126,15 @@ def storage_name(tensors: Mapping[str, torch.Tensor], scaled: bool) -> str:
     return STORAGE_NAMES.get(main, str(main).removeprefix("torch."))
 
 
+def device_holds_fp8(device: torch.device) -> bool:
+    """Whether tensors can be stored in fp8 on `device` (Apple's MPS cannot: pytorch/pytorch#148420)."""
+    try:
+        torch.empty(1, dtype=FP8_FORMATS["float8_e4m3fn"], device=device)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
 def dequantized(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     """The real values of a stored weight, in float32 (fp8 values are exact in float32); `scale` shaped () or
     (rows, 1)."""
@@ -138,7 +147,7 @@ class StoredLinear(torch.nn.Linear):
 
     Weights and biases follow the input's device and dtype, so the layer also works while its weights
     wait on another device (a partial load that streams them). `weight_scale` exists only on layers
-    of an fp8_scaled file."""
+    of an fp8_scaled file: () or (rows, 1)."""
 
     weight_scale: Optional[torch.Tensor]
 
@@ -151,8 +160,10 @@ class StoredLinear(torch.nn.Linear):
         return F.linear(x, weight, bias)
 
 
-def store_linear(layer: torch.nn.Linear, *, scaled: bool) -> None:
-    """Turn a Linear (on the meta device, before its weights are adopted) into a StoredLinear."""
+def store_linear(layer: torch.nn.Linear, *, scaled: bool, per_row: bool = False) -> None:
+    """Turn a Linear (on the meta device, before its weights are adopted) into a StoredLinear; its scale is
+    one number, or one per output row (shape (rows, 1), broadcast over the weight)."""
     layer.__class__ = StoredLinear
     if scaled:
-        layer.register_buffer("weight_scale", torch.empty((), device=layer.weight.device, dtype=torch.float32))
+        shape = (layer.out_features, 1) if per_row else ()
+        layer.register_buffer("weight_scale", torch.empty(shape, device=layer.weight.device, dtype=torch.float32))

@@ -24,7 +24,8 @@ def _input(io: Any, param: Param):
 
 
 def _output(io: Any, kind: str, name: str):
-    link = getattr(io, LINKS[kind]) if kind in LINKS else io.Custom(kind)
+    known = LINKS.get(kind) or WIDGETS.get(kind)  # STRING/BOOLEAN outputs are the widget types' outputs
+    link = getattr(io, known) if known else io.Custom(kind)
     return link.Output(display_name=name)
 
 

@@ -42,12 +42,13 @@ def _load_vae(vae_name) -> NodeResult:
                                     placement=_placement("vae")),))
 
 
-def _encode(text_encoder, positive, negative) -> NodeResult:
-    from ..wan_lora.pipeline import encode_wan_prompt
+def _encode(text_encoder, positive, negative, add_triggers=True, wan_model=None) -> NodeResult:
+    from ..wan_lora.pipeline import encode_wan_prompt, prompt_with_triggers
 
     memory = _comfy.memory_for(text_encoder.handle)
+    positive, trigger_notes = prompt_with_triggers(positive, wan_model) if add_triggers else (positive, ())
     encoded = [encode_wan_prompt(text_encoder, text, memory=memory) for text in (positive, negative)]
-    notes = [note for e in encoded for note in e.notes]
+    notes = [*trigger_notes, *(note for e in encoded for note in e.notes)]
     conditionings = tuple([[e.embeds, {"flipbook_tokens": e.tokens}]] for e in encoded)
     if not negative.strip():
         conditionings[1][0][1][EMPTY_NEGATIVE] = True
@@ -92,14 +93,42 @@ def _decode(vae, latent) -> NodeResult:
     from ..wan_lora.pipeline import decode_wan, from_comfy_latent
 
     samples = latent["samples"] if isinstance(latent, dict) else None
-    if samples is None or samples.ndim != 5:
+    if samples is None or samples.ndim != 5 or samples.shape[1] != 16:
         shape = tuple(samples.shape) if samples is not None else None
-        raise InvalidSettingError(f"The latent has shape {shape}; a Wan video latent is [batch, 16, frames, h, w]. "
-                                  "Connect Flipbook Wan Sampler (or a core node working on Wan latents).")
+        raise InvalidSettingError(f"The latent has shape {shape}; a Wan 2.1 video latent is [batch, 16, frames, h, w] "
+                                  "(Wan 2.2's has 48 channels, an image latent 4 dimensions). Connect Flipbook Wan "
+                                  "Sampler, or a core node working on Wan 2.1 latents.")
     latents = from_comfy_latent(samples)
     frames = decode_wan(vae, latents, progress=_comfy.progress_reporter(latents.shape[0] * latents.shape[2]),
                         memory=_comfy.memory_for(vae.handle))
     return NodeResult((frames, float(P.FPS)))
+
+
+def _load_lora(wan_model, lora_name, strength, trigger="") -> NodeResult:
+    from ..wan_lora.pipeline import with_lora
+
+    model = with_lora(wan_model, _comfy.model_path("loras", lora_name), strength=strength, trigger=trigger)
+    entry = model.loras[-1]
+    notes = [entry.lora.report.summary()]
+    if entry.trigger:
+        notes.append(f"trigger phrase: {entry.trigger!r}" + ("" if trigger.strip() else " (from the file)"))
+    if entry.lora.report.distill:
+        notes.append("step/CFG distill LoRA: the sampler uses the lightx2v presets (CFG 1, shift 5)")
+    return NodeResult((model,), {"flipbook_notes": notes})
+
+
+# The prompt-writing instructions the Studio Ghibli style LoRA's author gives an LLM (user-guides.md guide 2),
+# in Flipbook's words: 80-100 words, start with the trigger, then characters, setting, light, camera motion.
+EXPANSION = ("Rewrite the idea below as one prompt for a 5-second text-to-video model. Write 80 to 100 words in one "
+             "paragraph of plain English, no lists and no quotes. Begin with exactly \"{trigger}\" and then "
+             "describe: the characters (looks, clothes, what they do), the setting and time of day, the light and "
+             "colours, and the camera motion (for example a slow pan, a zoom out, a tracking shot). Keep one "
+             "continuous shot with a single clear action.{style}\n\nIdea: {idea}")
+
+
+def _expand(idea, trigger, style_hint) -> NodeResult:
+    style = f" Give it {style_hint.strip()}." if style_hint.strip() else ""
+    return NodeResult((EXPANSION.format(trigger=trigger.strip(), style=style, idea=idea.strip()),))
 
 
 def _check_sample(cls, steps=None, cfg=None, shift=None, frames=None, width=None, height=None, resolution=None,
@@ -175,6 +204,11 @@ TEXT_ENCODE = NodeSpec(
               {"multiline": True, "default": ""}),
         Param("negative", "STRING", "Used by CFG (cfg > 1) and by NAG (nag_scale > 1). Default: Wan's own negative "
               "prompt. Empty: NAG is off.", {"multiline": True, "default": P.DEFAULT_NEGATIVE}),
+        Param("add_triggers", "BOOLEAN", "With wan_model connected: put each style LoRA's trigger phrase (e.g. "
+              "'Studio Ghibli style.') in front of the prompt when it is missing, and say so on the node.",
+              {"default": True}, optional=True),
+        Param("wan_model", MODEL_TYPE, "Optional: the model after its LoRA loaders, to read their trigger phrases.",
+              optional=True),
     ),
     outputs=(("CONDITIONING", "positive"), ("CONDITIONING", "negative")),
     run=_encode,
@@ -243,4 +277,44 @@ DECODE = NodeSpec(
     run=_decode,
 )
 
-SPECS = (MODEL_LOADER, TEXT_ENCODER_LOADER, VAE_LOADER, TEXT_ENCODE, SAMPLER, DECODE)
+LORA_LOADER = NodeSpec(
+    node_id="FlipbookWanLoraLoader",
+    display_name="Flipbook Wan LoRA Loader (style / lightx2v distill)",
+    category=CATEGORY,
+    description="Adds a Wan 2.1 LoRA to the model's stack; chain one per LoRA, as with ComfyUI's LoraLoaderModelOnly. "
+                "Reads every format (musubi/kohya, ComfyUI/Kijai, lightx2v with diff/diff_b/diff_m, diffusers/peft, "
+                "DiffSynth), accounts for every key and reports it here; a LoRA for another model is an error. "
+                "Changing a LoRA or a strength re-patches the loaded model; the base is never read again.",
+    inputs=(
+        Param("wan_model", MODEL_TYPE, "From the Wan model loader or another LoRA loader."),
+        Param("lora_name", "COMBO", "A Wan 2.1 T2V LoRA from models/loras (e.g. a style LoRA, or the lightx2v "
+              "step/CFG distill LoRA).", choices=lambda: _comfy.model_names("loras")),
+        Param("strength", "FLOAT", "1.0 as trained; lightx2v distill: about 0.9; 0 turns it off.",
+              {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+        Param("trigger", "STRING", "The LoRA's trigger phrase, if its file does not carry one (style LoRAs: e.g. "
+              "'Studio Ghibli style.'). Flipbook Wan Text Encode adds it to the prompt when missing.",
+              {"default": ""}),
+    ),
+    outputs=((MODEL_TYPE, "wan_model"),),
+    run=_load_lora,
+)
+
+PROMPT_EXPANSION = NodeSpec(
+    node_id="FlipbookWanPromptExpansion",
+    display_name="Flipbook Wan Prompt Expansion (instructions for your LLM)",
+    category=CATEGORY,
+    description="Turns a short idea into instructions for an LLM of your choice (80-100 words, starting with the "
+                "LoRA's trigger; characters, setting, light, camera motion). Flipbook runs no LLM itself.",
+    inputs=(
+        Param("idea", "STRING", "A short idea, e.g. 'a girl and her cat watch the rain from a train window'.",
+              {"multiline": True, "default": ""}),
+        Param("trigger", "STRING", "The style LoRA's trigger phrase the prompt must start with.",
+              {"default": "Studio Ghibli style."}),
+        Param("style_hint", "STRING", "Optional look to ask for, e.g. 'a warm, nostalgic watercolor look'.",
+              {"default": "a warm, nostalgic hand-painted look"}),
+    ),
+    outputs=(("STRING", "llm_instructions"),),
+    run=_expand,
+)
+
+SPECS = (MODEL_LOADER, LORA_LOADER, TEXT_ENCODER_LOADER, VAE_LOADER, TEXT_ENCODE, SAMPLER, DECODE, PROMPT_EXPANSION)

@@ -21,7 +21,6 @@ from typing import Optional, Sequence
 import torch
 
 from ..core.model_handle import Component
-from ..core.quantized import StoredLinear
 from .loras import Patch, WanLora
 from .transformer import diffusers_names
 
@@ -30,8 +29,9 @@ STATE_ATTR = "_flipbook_lora_state"
 FACTOR_BUFFERS = ("lora_up", "lora_down")
 
 
-class PatchedLinear(StoredLinear):
-    """A Linear whose weight (any storage, fp8 included) gets U @ D added at each forward."""
+class PatchedLinear:
+    """Mixed into a Linear's own class (plain, StoredLinear fp8, or a host's cast-on-forward Linear, whose
+    behaviour is kept): while the layer carries LoRA factors, U @ D is added to its weight at each forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = getattr(self, "lora_up", None)
@@ -45,6 +45,15 @@ class PatchedLinear(StoredLinear):
         weight = torch.addmm(weight, up.to(device=x.device, dtype=torch.float32, non_blocking=True), down)
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype, non_blocking=True)
         return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(base: type) -> type:
+    if base not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[base] = type(f"Patched{base.__name__}", (PatchedLinear, base), {})
+    return _PATCHED_CLASSES[base]
 
 
 @dataclass
@@ -121,7 +130,7 @@ def _attach_factors(module: torch.nn.Module, name: str, entries: list[tuple[Patc
     up = torch.cat([p.up.to(device, torch.float32) * (s * p.factor) for p, s in entries], dim=1)
     down = torch.cat([p.down.to(device, torch.float32) for p, _ in entries], dim=0)
     if not isinstance(layer, PatchedLinear):
-        layer.__class__ = PatchedLinear
+        layer.__class__ = _patched_class(type(layer))
     layer.register_buffer("lora_up", up.to(dtype), persistent=False)
     layer.register_buffer("lora_down", down.to(dtype), persistent=False)
     state.factor_layers.append(layer)

@@ -36,14 +36,22 @@ class NagSettings:
         return self.scale > 1.0
 
 
+CHUNK_TOKENS = 8192  # float32 temporaries per chunk: 8192 x 5120 x 4 B = 168 MB each (14B), whatever the video size
+
+
 def nag_combine(positive: torch.Tensor, negative: torch.Tensor, *, scale: float, tau: float,
                 alpha: float) -> torch.Tensor:
-    """NAG's extrapolate-normalize-blend on attention outputs [..., tokens, channels], in float32."""
-    z_pos, z_neg = positive.float(), negative.float()
-    guided = z_pos * scale - z_neg * (scale - 1.0)
-    ratio = guided.abs().sum(-1, keepdim=True) / z_pos.abs().sum(-1, keepdim=True).clamp_min(L1_FLOOR)
-    guided = guided * torch.where(ratio > tau, tau / ratio.clamp_min(L1_FLOOR), torch.ones_like(ratio))
-    return (guided * alpha + z_pos * (1.0 - alpha)).to(positive.dtype)
+    """NAG's extrapolate-normalize-blend on attention outputs [batch, tokens, channels], in float32, a chunk of
+    tokens at a time (720p x 81 frames has 75,600 tokens: whole-tensor temporaries would be GBs each)."""
+    out = torch.empty_like(positive)
+    for start in range(0, positive.shape[-2], CHUNK_TOKENS):
+        part = slice(start, start + CHUNK_TOKENS)
+        z_pos, z_neg = positive[..., part, :].float(), negative[..., part, :].float()
+        guided = z_pos * scale - z_neg * (scale - 1.0)
+        ratio = guided.abs().sum(-1, keepdim=True) / z_pos.abs().sum(-1, keepdim=True).clamp_min(L1_FLOOR)
+        guided = guided * torch.where(ratio > tau, tau / ratio.clamp_min(L1_FLOOR), torch.ones_like(ratio))
+        out[..., part, :] = guided * alpha + z_pos * (1.0 - alpha)
+    return out
 
 
 @dataclass
@@ -54,7 +62,7 @@ class NagState:
 
     settings: NagSettings
     negative: torch.Tensor  # [1, 512, dim]: the negative text after the transformer's text embedder
-    rows: Optional[torch.Tensor] = None  # [B] bool on the model's device
+    rows: Optional[slice | torch.Tensor] = None  # a slice when contiguous (CFG: negative first), else a [B] mask
     row_count: int = 0
     all_rows: bool = False
     active: bool = False
@@ -65,7 +73,10 @@ class NagState:
         self.row_count = int(rows.sum())
         self.all_rows = self.row_count == rows.numel()
         self.active = self.settings.enabled and sigma >= self.settings.sigma_end and self.row_count > 0
-        self.rows = rows.to(device, non_blocking=True)
+        first = int(rows.int().argmax()) if self.row_count else 0
+        contiguous = bool(rows[first:first + self.row_count].all())
+        # a slice indexes without the GPU reporting back how many rows a mask selects (a wait per block)
+        self.rows = slice(first, first + self.row_count) if contiguous else rows.to(device, non_blocking=True)
         self.calls_with_nag += int(self.active)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,7 +18,7 @@ import torch
 
 from ..core.denoisers import Denoiser, flow_prediction, initial_latent, uses_negative
 from ..core.devices import resolve_device
-from ..core.errors import IncompatibleModelsError
+from ..core.errors import IncompatibleModelsError, InvalidSettingError
 from ..core.guards import require_finite
 from ..core.model_handle import LocalMemory, MemoryPolicy, ModelHandle
 from ..core.sampler_table import SAMPLERS
@@ -26,6 +26,8 @@ from ..core.sampling import StepCallback, seeded_noise
 from ..core.schedules import FLOW_SCHEDULES
 from . import presets as P
 from .conditioning import WanContext, join_contexts, wan_forward
+from .lora_apply import apply_lora_stack
+from .loras import WanLora, read_wan_lora
 from .nag import NagSettings, nag_applied
 from .transformer import WanTransformerLayout, inspect_wan_transformer, transformer_component
 
@@ -45,19 +47,43 @@ class WanModel:
     device: torch.device
     dtype: torch.dtype
     notes: tuple[str, ...] = ()
+    loras: tuple["LoraEntry", ...] = ()  # applied in this order when sampling (the base weights stay as loaded)
 
     @property
     def transformer(self) -> torch.nn.Module:
         return self.handle["transformer"].module
 
+    @property
+    def distill_lora(self) -> Optional[str]:
+        return next((e.lora.name for e in self.loras if e.strength and e.lora.report.distill), None)
+
     def __repr__(self) -> str:
         # ComfyUI prints node inputs in its error reports: one readable line
-        return (f"WanModel({self.name}, {self.layout.size}, {self.layout.storage}, {self.device.type} "
+        loras = "".join(f" + {e.lora.name}@{e.strength:g}" for e in self.loras)
+        return (f"WanModel({self.name}{loras}, {self.layout.size}, {self.layout.storage}, {self.device.type} "
                 f"{str(self.dtype).removeprefix('torch.')})")
 
 
+@dataclass(frozen=True)
+class LoraEntry:
+    lora: WanLora
+    strength: float
+    trigger: Optional[str] = None  # prepended to the prompt when missing (the file's own, or typed by the user)
+
+
+def with_lora(model: WanModel, path: str | Path, *, strength: float, trigger: str = "") -> WanModel:
+    """The model with one more LoRA in its stack (the loaded weights are shared, nothing is copied)."""
+    if not math.isfinite(strength):
+        raise InvalidSettingError(f"strength={strength}: use a finite number (1.0 = as trained, 0 = off).")
+    lora = read_wan_lora(path, layout=model.layout, model_name=model.name)
+    entry = LoraEntry(lora=lora, strength=float(strength), trigger=trigger.strip() or lora.report.trigger)
+    return replace(model, loras=(*model.loras, entry))
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (Wan's param_dtype; fp16 where the card has no bf16), fp32 on the CPU."""
+    """bf16 on CUDA (Wan's param_dtype; fp16 where the card has no bf16), fp16 on Apple's MPS, fp32 on the CPU."""
+    if device.type == "mps":
+        return torch.float16
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -124,8 +150,10 @@ def transformer_working_bytes(shape: tuple[int, ...], *, dim: int, dtype: torch.
 
 def check_request(model: WanModel, request: WanSampleRequest) -> P.CheckedWanSettings:
     """Every check that needs no model run: preset and policy, video size, text width, NAG."""
+    preset_id, stack_notes = P.preset_for_stack(request.preset, distill_lora=model.distill_lora, steps=request.steps,
+                                                policy=request.policy)
     checked = P.check_wan_settings(
-        P.get_preset(request.preset),
+        P.get_preset(preset_id),
         P.WanSettings(steps=request.steps, cfg=request.cfg, shift=request.shift, sampler=request.sampler),
         request.policy)
     P.check_video_size(frames=request.frames, width=request.width, height=request.height)
@@ -136,7 +164,7 @@ def check_request(model: WanModel, request: WanSampleRequest) -> P.CheckedWanSet
                 f"{model.layout.text_dim}-wide umt5-xxl embeddings. Encode the prompt with umt5_xxl "
                 "(models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors) for a Wan 2.1 model."
             )
-    notes = list(checked.notes)
+    notes = [*stack_notes, *checked.notes]
     if request.nag.enabled and request.negative_is_empty:
         notes.append("NAG is off: the negative prompt is empty")
     return P.CheckedWanSettings(settings=checked.settings, notes=tuple(notes))
@@ -164,6 +192,8 @@ def sample_wan(model: WanModel, request: WanSampleRequest, *, progress: Optional
     memory.prepare([model.handle["transformer"]], transformer_working_bytes(
         shape, dim=model.layout.config["num_attention_heads"] * 128, dtype=model.dtype,
         guided=uses_negative(settings.cfg)))
+    # on the device the weights now live on; the same stack as last run costs nothing
+    apply_lora_stack(model.handle["transformer"], [(e.lora, e.strength) for e in model.loras])
     nag = (nag_applied(model.transformer, negative_embeddings=_padded(request.negative), settings=request.nag)
            if nag_on else nullcontext())
     with nag as nag_state:
@@ -271,3 +301,18 @@ def to_comfy_latent(latents: torch.Tensor) -> torch.Tensor:
 def from_comfy_latent(samples: torch.Tensor) -> torch.Tensor:
     mean, std = _latent_stats(samples)
     return (samples.float() - mean) / std
+
+
+def prompt_with_triggers(prompt: str, model: Optional[WanModel]) -> tuple[str, tuple[str, ...]]:
+    """The prompt with each style LoRA's trigger phrase in front when it is missing ("Studio Ghibli style.":
+    the LoRA was trained on captions that all start with it), and a note per phrase added."""
+    if model is None:
+        return prompt, ()
+    notes, missing = [], []
+    for entry in model.loras:
+        trigger = entry.trigger
+        if not trigger or not entry.strength or trigger.lower().rstrip(" .,") in prompt.lower():
+            continue
+        missing.append(trigger)
+        notes.append(f"added the trigger of {entry.lora.name} to the prompt: {trigger!r}")
+    return (" ".join([*missing, prompt]).strip() if missing else prompt), tuple(notes)

@@ -95,6 +95,30 @@ def get_preset(preset_id: str) -> Optional[WanPreset]:
     return PRESETS[preset_id]
 
 
+def preset_for_stack(preset_id: str, *, distill_lora: Optional[str], steps: int, policy: str) -> tuple[str, tuple]:
+    """The preset to check against when a step/CFG distill LoRA is (or is not) in the LoRA stack.
+
+    With a distill LoRA the base preset is wrong (50 steps and CFG 5 on a distilled model: "the video may
+    become completely blurred", LightX2V): strict refuses it, fill switches to the lightx2v preset with the
+    asked steps (4, 6 or 8; else 8). A lightx2v preset without one is only noted."""
+    if preset_id == CUSTOM:
+        return preset_id, ()
+    preset = get_preset(preset_id)
+    if distill_lora and not preset.distilled:
+        chosen = f"lightx2v_{steps}step" if f"lightx2v_{steps}step" in PRESETS else "lightx2v_8step"
+        if policy == "strict":
+            raise SettingsMismatchError(
+                f"The LoRA stack has the step/CFG distill LoRA {distill_lora}, but the preset is {preset.label}: "
+                f"with a distilled model 50 steps and CFG > 1 make a burnt or completely blurred video (LightX2V). "
+                f"Set preset to {chosen} (or lightx2v_4step/6step/8step: CFG 1, shift 5), or the policy to 'fill'."
+            )
+        return chosen, (f"preset {preset_id} -> {chosen} (policy 'fill': {distill_lora} is a distill LoRA)",)
+    if preset.distilled and not distill_lora:
+        return preset_id, (f"warning: {preset.label} is for the lightx2v distill LoRA, and none is in the LoRA "
+                           "stack; the base model needs about 50 steps and CFG 5",)
+    return preset_id, ()
+
+
 def _violations(preset: WanPreset, asked: WanSettings) -> list[tuple[str, object, str]]:
     found = []
     if preset.allowed_steps is not None and asked.steps not in preset.allowed_steps:

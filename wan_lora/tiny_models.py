@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .tiny_loras import FORMATS as LORA_FORMATS
+from .tiny_loras import write_tiny_lora
 from .tiny_transformer import write_tiny_wan
 from .tiny_umt5 import write_tiny_umt5
 from .tiny_vae import write_tiny_wan_vae
@@ -20,9 +22,23 @@ def storage_for(name: str, table: tuple[tuple[str, str], ...], default: str) -> 
     return next((storage for marker, storage in table if marker in lowered), default)
 
 
-def write_wan_demo_models(models_dir: Path, *, transformer: str, text_encoder: str, vae: str) -> list[Path]:
-    """diffusion_models/<transformer>, text_encoders/<text_encoder>, vae/<vae> under `models_dir`."""
-    return [
+def write_wan_demo_loras(models_dir: Path, names: list[str]) -> list[Path]:
+    """loras/: the workflow's LoRAs (a name saying lightx2v/distill gets a lightx2v-layout stand-in, any other a
+    musubi-tuner one with the Studio Ghibli trigger in its metadata) and one tiny LoRA in every other format."""
+    written = []
+    for name in names:
+        distill = any(word in name.lower() for word in ("lightx2v", "distill"))
+        written.append(write_tiny_lora(models_dir / "loras" / name, fmt="lightx2v" if distill else "musubi",
+                                       trigger=None if distill else "Studio Ghibli style.", seed=len(written) + 1)[0])
+    for fmt in LORA_FORMATS:
+        written.append(write_tiny_lora(models_dir / "loras" / f"tiny_wan_lora_{fmt}.safetensors", fmt=fmt)[0])
+    return written
+
+
+def write_wan_demo_models(models_dir: Path, *, transformer: str, text_encoder: str, vae: str,
+                          loras: tuple[str, ...] = ()) -> list[Path]:
+    """diffusion_models/<transformer>, text_encoders/<text_encoder>, vae/<vae>, loras/ under `models_dir`."""
+    return [*write_wan_demo_loras(models_dir, list(loras)), 
         write_tiny_wan(models_dir / "diffusion_models" / transformer,
                        storage=storage_for(transformer, _TRANSFORMER_STORAGES, "bf16")),
         write_tiny_umt5(models_dir / "text_encoders" / text_encoder,

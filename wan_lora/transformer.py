@@ -14,7 +14,7 @@ input, and these tensors are small.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -25,7 +25,7 @@ from ..core.checkpoints import file_fingerprint, load_state_dict, read_safetenso
 from ..core.errors import UnsupportedCheckpointError
 from ..core.families import FAMILY_NAMES, detect_base_family
 from ..core.model_handle import FP8_DTYPES, Component
-from ..core.quantized import dequantized, split_fp8_scales, storage_name, store_linear
+from ..core.quantized import dequantized, device_holds_fp8, split_fp8_scales, storage_name, store_linear
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI model_detection.unet_prefix_from_state_dict
 HEAD_DIM = 128  # every Wan 2.x model (wan/configs: dim / num_heads)
@@ -47,6 +47,7 @@ class WanTransformerLayout:
     size: str  # "14B", "1.3B" or "custom"
     storage: str  # "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2" or "fp8_scaled"
     fp8_linears: frozenset[str]  # original names of block Linears kept in fp8 (cast per layer at forward)
+    row_scaled: frozenset[str]  # those of them with one scale per output row
     scaled: bool
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # original tensor name -> shape (LoRAs)
 
@@ -76,15 +77,16 @@ def inspect_wan_transformer(path: str | Path) -> WanTransformerLayout:
     _require_t2v(path.name, state)
     weights = split_fp8_scales(state, metadata=_metadata(path), file_name=path.name, hint=_HINT)
     config = _config_from_shapes(path.name, weights.tensors)
-    # kept fp8 and cast per forward: block Linears with no scale or one per tensor (per-row ones: dequantized)
-    fp8_linears = frozenset(layer for k, v in weights.tensors.items()
+    # kept fp8 and cast (and scaled: per tensor or per row) at each forward: the block Linears
+    fp8_linears = frozenset(k[: -len(".weight")] for k, v in weights.tensors.items()
                             if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2
-                            and v.dtype in FP8_DTYPES and weights.scales.get(layer := k[: -len(".weight")],
-                                                                            torch.ones(())).ndim == 0)
+                            and v.dtype in FP8_DTYPES)
+    row_scaled = frozenset(layer for layer in fp8_linears if weights.scales.get(layer, torch.ones(())).ndim == 2)
     return WanTransformerLayout(
         path=path, fingerprint=fingerprint, prefix=prefix, config=config,
         size=SIZES.get((config["num_attention_heads"] * HEAD_DIM, config["num_layers"]), "custom"),
-        storage=storage_name(weights.tensors, weights.scaled), fp8_linears=fp8_linears, scaled=weights.scaled,
+        storage=storage_name(weights.tensors, weights.scaled), fp8_linears=fp8_linears, row_scaled=row_scaled,
+        scaled=weights.scaled,
         shapes=MappingProxyType({k: tuple(v.shape) for k, v in weights.tensors.items()}),
     )
 
@@ -161,9 +163,10 @@ def diffusers_names(original: list[str]) -> dict[str, str]:
     return dict(zip(original, convert_wan_transformer_to_diffusers(dict.fromkeys(original))))
 
 
-def transformer_weights(layout: WanTransformerLayout) -> dict[str, torch.Tensor]:
+def transformer_weights(layout: WanTransformerLayout, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The file's tensors under diffusers names: block Linears of an fp8 file stay fp8 (with their
-    `weight_scale` in a scaled file), every other fp8 tensor is dequantized to float32."""
+    `weight_scale` in a scaled file), every other fp8 tensor is dequantized to `dtype` one at a time (no
+    float32 copy of the whole model)."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     path = layout.path
@@ -177,7 +180,7 @@ def transformer_weights(layout: WanTransformerLayout) -> dict[str, torch.Tensor]
             if layout.scaled:
                 tensors[layer + ".weight_scale"] = weights.scales[layer]
         elif tensor.dtype in FP8_DTYPES or (name.endswith(".weight") and layer in weights.scales):
-            tensors[name] = dequantized(tensor, weights.scales.get(layer) if name.endswith(".weight") else None)
+            tensors[name] = dequantized(tensor, weights.scales.get(layer) if name.endswith(".weight") else None).to(dtype)
         else:
             tensors[name] = tensor
     return convert_wan_transformer_to_diffusers(tensors)
@@ -188,12 +191,16 @@ def transformer_component(layout: WanTransformerLayout, *, load_device: torch.de
     """The transformer on the meta device, fp8 block Linears as StoredLinear; weights adopted from the file."""
     from diffusers import WanTransformer3DModel
 
+    if layout.fp8_linears and not device_holds_fp8(torch.device(load_device)):
+        # e.g. Apple's MPS: every fp8 weight is dequantized to the compute dtype when read
+        layout = replace(layout, fp8_linears=frozenset(), row_scaled=frozenset())
     with torch.device("meta"):
         module = WanTransformer3DModel(**layout.config).eval()
     renamed = diffusers_names([layer + ".weight" for layer in sorted(layout.fp8_linears)])
-    for diffusers_name in renamed.values():
-        store_linear(module.get_submodule(diffusers_name.rpartition(".")[0]), scaled=layout.scaled)
-    return Component(name="transformer", module=module, weights=lambda: transformer_weights(layout),
+    for original, diffusers_name in renamed.items():
+        store_linear(module.get_submodule(diffusers_name.rpartition(".")[0]), scaled=layout.scaled,
+                     per_row=original[: -len(".weight")] in layout.row_scaled)
+    return Component(name="transformer", module=module, weights=lambda: transformer_weights(layout, dtype),
                      load_device=load_device, offload_device=offload_device, dtype=dtype, keep_dtypes=FP8_DTYPES,
                      finish=_after_read)
 

@@ -165,5 +165,24 @@ def test_wan_fp8_transformer_under_comfyuis_manager_samples_as_headless(wan_mana
     patcher.detach()
     model.handle["transformer"].materialize()
     patcher.partially_load(management.get_torch_device(), extra_memory=1)
-    assert any(getattr(m, "comfy_cast_weights", False) for m in model.transformer.modules())
+    from flipbook_pack.core.quantized import StoredLinear
+
+    stored = [m for m in model.transformer.modules() if isinstance(m, StoredLinear)]
+    assert len(stored) == 20 and all(m.comfy_cast_weights for m in stored)  # fp8 blocks stream, not copied
     torch.testing.assert_close(W.sample_wan(model, request, memory=_NoLoad()).latents, expected)
+
+
+def test_wan_lora_stack_under_comfyuis_manager_equals_headless(wan_managed, tmp_path):
+    """lightx2v-style LoRA (factors on block and embedding Linears, in-place diffs) on the fp8 model that ComfyUI
+    manages, swapped and swapped back: the same latents as headless, the base output restored exactly."""
+    from flipbook_pack.wan_lora import pipeline as W
+    from flipbook_pack.wan_lora.tiny_loras import write_tiny_lora
+
+    model, memory, headless = wan_managed
+    lora_path, _ = write_tiny_lora(tmp_path / "lightx2v.safetensors", fmt="lightx2v")
+    request = _wan_request()
+    base = W.sample_wan(model, request, memory=memory).latents
+    patched = W.sample_wan(W.with_lora(model, lora_path, strength=0.9), request, memory=memory).latents
+    torch.testing.assert_close(patched, W.sample_wan(W.with_lora(headless, lora_path, strength=0.9), request).latents)
+    assert (patched - base).abs().max() > 1e-3
+    assert torch.equal(W.sample_wan(model, request, memory=memory).latents, base)

@@ -239,3 +239,16 @@ def test_inside_comfyui_steps_report_progress_with_previews_and_cancel(fake_comf
     with pytest.raises(Interrupted):
         W.sample_wan(model, request, callback=_comfy.step_reporter(4))
     assert len(fake_comfy["updates"]) == 2
+
+
+def test_decode_refuses_latents_that_are_not_wan_21_video(wan_models):
+    from flipbook_pack.core.errors import InvalidSettingError
+
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=wan_models, output_dir=wan_models / "out"))
+    try:
+        (vae,) = NODE_CLASS_MAPPINGS["FlipbookWanVAELoader"]().execute(vae_name="wan_2.1_vae.safetensors")
+        for shape in ((1, 48, 3, 4, 4), (1, 4, 8, 8)):
+            with pytest.raises(InvalidSettingError, match="Wan 2.1 video latent"):
+                NODE_CLASS_MAPPINGS["FlipbookWanDecode"]().execute(vae=vae, latent={"samples": torch.zeros(shape)})
+    finally:
+        _comfy.use_headless(None)

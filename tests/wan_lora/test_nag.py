@@ -114,3 +114,13 @@ def test_negative_keys_values_once_per_run_and_processors_restored(transformer):
         hook.remove()
     assert len(calls) == 3 + 1  # the positive text each step, the negative once
     assert [block.attn2.processor for block in transformer.blocks] == originals
+
+
+def test_chunked_combination_equals_the_whole(monkeypatch):
+    from flipbook_pack.wan_lora import nag
+
+    generator = torch.Generator().manual_seed(5)
+    positive, negative = torch.randn(2, 10, 6, generator=generator), torch.randn(2, 10, 6, generator=generator)
+    whole = nag_combine(positive, negative, scale=11.0, tau=2.5, alpha=0.25)
+    monkeypatch.setattr(nag, "CHUNK_TOKENS", 3)
+    assert torch.equal(nag_combine(positive, negative, scale=11.0, tau=2.5, alpha=0.25), whole)

@@ -169,8 +169,8 @@ def test_sd_checkpoint_and_truncated_file_are_refused(tmp_path):
 
 
 def test_per_row_scales_are_applied_at_load(tmp_path):
-    """A scaled file with one scale per output row (accepted by ComfyUI's mixed-precision loader): those layers
-    are dequantized when read (StoredLinear keeps per-tensor scales only) and still equal the real weights."""
+    """A scaled file with one scale per output row (accepted by ComfyUI's mixed-precision loader): the weights stay
+    fp8 with a (rows, 1) scale and equal the real weights."""
     from safetensors.torch import load_file, save_file
 
     state = T.tiny_wan_state()
@@ -185,12 +185,23 @@ def test_per_row_scales_are_applied_at_load(tmp_path):
     tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     save_file(tensors, str(tmp_path / "rows.safetensors"))
     layout = inspect_wan_transformer(tmp_path / "rows.safetensors")
-    assert layout.storage == "fp8_scaled" and not layout.fp8_linears
+    assert layout.storage == "fp8_scaled" and layout.row_scaled == layout.fp8_linears and len(layout.fp8_linears) == 20
     real = {}
     for name, tensor in load_file(str(tmp_path / "rows.safetensors")).items():
         if name == "scaled_fp8" or name.endswith(".scale_weight"):
             continue
         scale = tensors.get(name[: -len(".weight")] + ".scale_weight")
         real[name] = tensor.float() * (scale[:, None] if scale is not None else 1.0)
-    torch.testing.assert_close(_denoised(_load(tmp_path / "rows.safetensors").module), _denoised(_reference(real)),
-                               atol=2e-5, rtol=1e-4)
+    loaded = _load(tmp_path / "rows.safetensors").module
+    assert loaded.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(_denoised(loaded), _denoised(_reference(real)), atol=2e-5, rtol=1e-4)
+
+
+def test_devices_without_fp8_get_dequantized_weights(tmp_path, monkeypatch):
+    """Apple's MPS stores no fp8: the weights are dequantized to the compute dtype when read."""
+    from flipbook_pack.wan_lora import transformer as W
+
+    path = T.write_tiny_wan(tmp_path / "fp8.safetensors", storage="fp8_scaled")
+    monkeypatch.setattr(W, "device_holds_fp8", lambda device: False)
+    component = _load(path, dtype=torch.float16)
+    assert {p.dtype for p in component.module.blocks.parameters()} == {torch.float16}
