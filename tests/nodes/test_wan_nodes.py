@@ -252,3 +252,111 @@ def test_decode_refuses_latents_that_are_not_wan_21_video(wan_models):
                 NODE_CLASS_MAPPINGS["FlipbookWanDecode"]().execute(vae=vae, latent={"samples": torch.zeros(shape)})
     finally:
         _comfy.use_headless(None)
+
+
+LORA_WORKFLOW = json.loads((ROOT / "workflows" / "wan21_t2v_14b_style_lora_lightx2v.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def lora_models(tmp_path_factory):
+    models = tmp_path_factory.mktemp("wan_lora_models")
+    cli.write_wan_demo_models(models, LORA_WORKFLOW)
+    return models
+
+
+def _run_lora(models, out, *extra):
+    return cli.main(["run", "wan21_t2v_14b_style_lora_lightx2v.json", "--models", str(models), "--output-dir",
+                     str(out), *TINY, *extra])
+
+
+def test_lora_workflow_holds_the_seed_settings():
+    prompt = workflow_to_prompt(LORA_WORKFLOW, NODE_CLASS_MAPPINGS)
+    loras = [v["inputs"] for v in prompt.values() if v["class_type"] == "FlipbookWanLoraLoader"]
+    assert [(lo["lora_name"], lo["strength"]) for lo in loras] == [
+        ("wan21_studio_ghibli_style.safetensors", 1.0),
+        ("Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank64.safetensors", 0.9)]
+    sampler = next(v["inputs"] for v in prompt.values() if v["class_type"] == "FlipbookWanSampler")
+    assert (sampler["preset"], sampler["steps"], sampler["cfg"], sampler["sampler"], sampler["resolution"],
+            sampler["frames"], sampler["nag_scale"], sampler["nag_tau"], sampler["nag_alpha"]) == (
+        "lightx2v_8step", 8, 1.0, "unipc", "640x480", 81, 11.0, 2.5, 0.25)
+    encode = next(v["inputs"] for v in prompt.values() if v["class_type"] == "FlipbookWanTextEncode")
+    assert encode["positive"].startswith("Studio Ghibli style. Woman with blonde hair")
+    assert encode["negative"].startswith("色调艳丽") and encode["negative"].endswith("CGI, bad quality")
+
+
+def test_lora_workflow_runs_headless_and_reports_every_lora(lora_models, tmp_path, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        assert _run_lora(lora_models, tmp_path / "out") == 0
+    video = Path(capsys.readouterr().out.strip())
+    frames, fps = _frames(video)
+    assert (len(frames), fps) == (17, 16.0)
+    notes = caplog.text
+    assert "musubi-tuner / kohya (lora_unet_), applied 20 lora; 0 unmatched" in notes
+    assert "applied 25 lora, 12 diff, 29 diff_b, 3 diff_m; 0 unmatched" in notes
+
+
+@pytest.mark.parametrize("override, match", [
+    ("FlipbookWanSampler.preset=wan21_t2v_base", "step/CFG distill LoRA"),
+    ("FlipbookWanSampler.cfg=5.0", "completely blurred"),
+    ("FlipbookWanSampler.steps=50", "base model's count"),
+])
+def test_distill_lora_settings_are_enforced(lora_models, tmp_path, capsys, override, match):
+    assert _run_lora(lora_models, tmp_path / "out", "--set", override) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_fill_policy_switches_a_distill_stack_to_its_preset(lora_models, tmp_path, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert _run_lora(lora_models, tmp_path / "out", "--set", "FlipbookWanSampler.preset=wan21_t2v_base",
+                         "--set", "FlipbookWanSampler.policy=fill") == 0
+    assert "preset wan21_t2v_base -> lightx2v_8step (policy 'fill'" in caplog.text
+
+
+def test_triggers_swaps_and_prompt_expansion_through_the_nodes(lora_models):
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=lora_models, output_dir=lora_models / "out"))
+    try:
+        def run(node_id, **inputs):
+            out = NODE_CLASS_MAPPINGS[node_id]().execute(**inputs)
+            return out if not isinstance(out, dict) else (out["result"], out["ui"])
+
+        (base,), _ = run("FlipbookWanModelLoader", model_name="wan2.1_t2v_14B_fp8_e4m3fn.safetensors")
+        (styled,), ui = run("FlipbookWanLoraLoader", wan_model=base, lora_name="wan21_studio_ghibli_style.safetensors",
+                            strength=1.0, trigger="")
+        assert "trigger phrase: 'Studio Ghibli style.' (from the file)" in ui["flipbook_notes"]
+        (encoder,) = run("FlipbookWanTextEncoderLoader", text_encoder_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+        (positive, _), ui = run("FlipbookWanTextEncode", text_encoder=encoder, positive="a girl on a hill",
+                                negative="", add_triggers=True, wan_model=styled)
+        assert ui["flipbook_notes"] == ["added the trigger of wan21_studio_ghibli_style.safetensors to the prompt: "
+                                        "'Studio Ghibli style.'"]
+        from flipbook_pack.wan_lora.pipeline import encode_wan_prompt
+
+        expected = encode_wan_prompt(encoder, "Studio Ghibli style. a girl on a hill").embeds
+        assert torch.equal(positive[0][0], expected)
+        out = NODE_CLASS_MAPPINGS["FlipbookWanTextEncode"]().execute(
+            text_encoder=encoder, positive="studio ghibli style, a girl", negative="", add_triggers=True,
+            wan_model=styled)
+        assert not (isinstance(out, dict) and out["ui"] and any("added" in n for n in out["ui"]["flipbook_notes"]))
+        # swapping strengths re-patches the loaded transformer; the base is never read again
+        component = base.handle["transformer"]
+        reads = component.reads
+        sampler_inputs = dict(positive=positive, negative=positive, seed=1, preset="custom", policy="strict", steps=2,
+                              cfg=1.0, shift=5.0, sampler="euler", resolution="custom (width x height below)",
+                              width=32, height=32, frames=5, nag_scale=1.0, nag_tau=2.5, nag_alpha=0.25,
+                              nag_sigma_end=0.0)
+        sample = NODE_CLASS_MAPPINGS["FlipbookWanSampler"]()
+        first = sample.execute(wan_model=styled, **sampler_inputs)["result"][0]["samples"]
+        (half,), _ = run("FlipbookWanLoraLoader", wan_model=base, lora_name="wan21_studio_ghibli_style.safetensors",
+                         strength=0.5, trigger="")
+        sample.execute(wan_model=half, **sampler_inputs)
+        assert torch.equal(sample.execute(wan_model=styled, **sampler_inputs)["result"][0]["samples"], first)
+        assert component.reads == reads
+        (text,) = NODE_CLASS_MAPPINGS["FlipbookWanPromptExpansion"]().execute(
+            idea="a cat on a train", trigger="Studio Ghibli style.", style_hint="")
+        assert 'Begin with exactly "Studio Ghibli style."' in text and text.endswith("Idea: a cat on a train")
+    finally:
+        _comfy.use_headless(None)
