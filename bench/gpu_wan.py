@@ -50,6 +50,38 @@ def write_random_wan(path: Path, *, size: str, storage: str, device: torch.devic
     return path
 
 
+def lora_figures(W, model, request, folder: Path, size: str, device: torch.device) -> dict:
+    """Apply a 14B-shaped rank-64 lightx2v-style LoRA (factors on every block Linear and the embeddings, diffs),
+    swap its strength, and sample the same 4 steps with it."""
+    from flipbook_bench.wan_lora import tiny_transformer as T
+    from flipbook_bench.wan_lora.lora_apply import apply_lora_stack
+    from flipbook_bench.wan_lora.tiny_loras import write_tiny_lora
+
+    heads, layers, ffn = SIZES[size]
+    sizes = T.TinyWanSizes(heads=heads, layers=layers, ffn=ffn, text_dim=4096)
+    path, _ = write_tiny_lora(folder / "lightx2v_rank64.safetensors", fmt="lightx2v", sizes=sizes, rank=64)
+    found = {"lora_file_gib": round(path.stat().st_size / 2**30, 2)}
+    component = model.handle["transformer"]
+    for name, strength in (("lora_apply_s", 1.0), ("lora_swap_s", 0.9)):
+        patched = W.with_lora(model, path, strength=strength)
+        _sync(device)
+        start = time.perf_counter()
+        apply_lora_stack(component, [(e.lora, e.strength) for e in patched.loras])
+        _sync(device)
+        found[name] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    W.sample_wan(patched, request)
+    _sync(device)
+    found["lora_sample_s"] = round(time.perf_counter() - start, 2)
+    apply_lora_stack(component, [])
+    return found
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
@@ -62,6 +94,8 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--nag", action="store_true", help="NAG on (scale 11) with a 60-token negative")
+    parser.add_argument("--lora", action="store_true", help="also: a 14B-shaped rank-64 lightx2v-style LoRA: "
+                        "merge (apply) time, swap time, and 4 steps with it")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dir", default="/tmp/flipbook_gpu_wan")
     args = parser.parse_args()
@@ -102,6 +136,8 @@ def main() -> int:
     report["sample_peak_vram_gib"] = round(peak_gib(device), 2)
     report["weights_gib"] = round(model.handle["transformer"].size_bytes / 2**30, 2)
     report["forwards"] = result.model_forwards
+    if args.lora:
+        report.update(lora_figures(W, model, request, folder, args.size, device))
     model.handle["transformer"].offload()
     vae = W.load_wan_vae(write_tiny_wan_vae(folder / "wan_2.1_vae.safetensors", base_dim=96), device=args.device)
     if device.type == "cuda":

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .tiny_transformer import ATTENTION_LINEARS, TinyWanSizes, tiny_wan_state
+from .tiny_transformer import ATTENTION_LINEARS, TinyWanSizes, tiny_wan_state, wan_meta_state
 
 FORMATS = ("musubi", "musubi_fun", "comfy", "lightx2v", "diffusers", "diffsynth", "i2v")
 DIFFUSERS_LINEARS = {"self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v",
@@ -48,7 +48,7 @@ def write_tiny_lora(path: Path, *, fmt: str, sizes: TinyWanSizes = TinyWanSizes(
     """A LoRA file in `fmt`; returns (path, plain) with plain = {tensor: ('lora', up, down, alpha/rank) | ('diff', d)}."""
     from safetensors.torch import save_file
 
-    base = tiny_wan_state(sizes)
+    base = wan_meta_state(sizes)  # shapes only
     generator = torch.Generator().manual_seed(seed)
     tensors, plain = {}, {}
     alpha = float(rank) / 2 if alpha is None and fmt in ("musubi", "musubi_fun", "comfy") else alpha

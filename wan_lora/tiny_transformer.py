@@ -54,6 +54,18 @@ def original_key_names(layers: int) -> list[str]:
     return names
 
 
+def wan_meta_state(sizes: TinyWanSizes = TinyWanSizes()) -> dict[str, torch.Tensor]:
+    """Shapes only: meta tensors under the original Wan names (any size, 14B included, at no cost)."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    with torch.device("meta"):
+        theirs = WanTransformer3DModel(**sizes.config()).state_dict()
+    names = original_key_names(sizes.layers)
+    return {original: theirs[new] for original, new in zip(names, convert_wan_transformer_to_diffusers(
+        dict.fromkeys(names)))}
+
+
 def tiny_wan_state(sizes: TinyWanSizes = TinyWanSizes(), seed: int = 0) -> dict[str, torch.Tensor]:
     """float32 tensors under the original Wan names."""
     from diffusers import WanTransformer3DModel
