@@ -364,6 +364,8 @@ class ComfyMemory:
         wanted = list(components)
         for component in wanted:  # released by an earlier unload: onto the CPU, ComfyUI makes room and moves them
             component.restore(torch.device("cpu"))
+            # what the component holds now (e.g. LoRA factors added since the patcher was made)
+            self.patchers[component.name].size = component.size_bytes
         self.management.load_models_gpu([self.patchers[c.name] for c in wanted], memory_required=working_bytes)
 
 

@@ -20,13 +20,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..core.model_handle import Component
+from ..core.model_handle import FP8_DTYPES, Component, tensor_bytes
 from .loras import Patch, WanLora
 from .transformer import diffusers_names
 
 log = logging.getLogger(__name__)
 STATE_ATTR = "_flipbook_lora_state"
-FACTOR_BUFFERS = ("lora_up", "lora_down")
+FACTOR_BUFFERS = ("lora_up", "lora_down", "lora_dense")
 
 
 class PatchedLinear:
@@ -34,15 +34,18 @@ class PatchedLinear:
     behaviour is kept): while the layer carries LoRA factors, U @ D is added to its weight at each forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up = getattr(self, "lora_up", None)
-        if up is None:
+        up, dense = getattr(self, "lora_up", None), getattr(self, "lora_dense", None)
+        if up is None and dense is None:
             return super().forward(x)
         weight = self.weight.to(device=x.device, dtype=torch.float32, non_blocking=True)
         scale = getattr(self, "weight_scale", None)
         if scale is not None:
             weight = weight * scale.to(device=x.device, dtype=torch.float32)
-        down = self.lora_down.to(device=x.device, dtype=torch.float32, non_blocking=True)
-        weight = torch.addmm(weight, up.to(device=x.device, dtype=torch.float32, non_blocking=True), down)
+        if up is not None:
+            down = self.lora_down.to(device=x.device, dtype=torch.float32, non_blocking=True)
+            weight = torch.addmm(weight, up.to(device=x.device, dtype=torch.float32, non_blocking=True), down)
+        if dense is not None:  # a diff or set_weight on an fp8 weight: added here, never rounded into fp8
+            weight = weight + dense.to(device=x.device, dtype=torch.float32, non_blocking=True)
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype, non_blocking=True)
         return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
 
@@ -81,7 +84,8 @@ def clear_patches(module: torch.nn.Module) -> None:
 
 
 def apply_lora_stack(component: Component, stack: Sequence[tuple[WanLora, float]]) -> LoraState:
-    """Make the transformer carry exactly `stack` (strength per LoRA; an empty stack restores the base)."""
+    """Make the transformer carry exactly `stack` (strength per LoRA; 0 is off; an empty stack restores the base).
+    All or nothing: if applying fails (e.g. out of memory), the base is restored before the error goes on."""
     module = component.module
     key = stack_key(stack)
     state: Optional[LoraState] = getattr(module, STATE_ATTR, None)
@@ -90,28 +94,39 @@ def apply_lora_stack(component: Component, stack: Sequence[tuple[WanLora, float]
     if state is not None and state.reads == component.reads:
         _restore(module, state)
     state = LoraState(key=key, reads=component.reads)
-    pairs, diffs = _by_target(stack)
-    names = diffusers_names(sorted({*pairs, *diffs}))
-    with torch.no_grad():
-        for target, entries in pairs.items():
-            _attach_factors(module, names[target], entries, state)
-        for target, entries in diffs.items():
-            _merge_in_place(module, names[target], entries, state)
-    setattr(module, STATE_ATTR, state)
+    setattr(module, STATE_ATTR, state)  # before any change, so a failure part-way can be undone
+    compute = component.dtype or torch.float32
+    try:
+        forward_terms, in_place = _by_target(module, [(lora, s) for lora, s in stack if s != 0])
+        names = diffusers_names(sorted({*forward_terms, *in_place}))
+        with torch.no_grad():
+            for target, entries in forward_terms.items():
+                _attach(module, names[target], entries, state, compute)
+            for target, entries in in_place.items():
+                _merge_in_place(module, names[target], entries, state)
+    except BaseException:
+        _restore(module, state)
+        raise
+    component.size_bytes = tensor_bytes(module)  # the factors are the component's memory too
     log.info("LoRA stack applied: %d layers with factors, %d tensors merged", len(state.factor_layers),
              len(state.originals))
     return state
 
 
-def _by_target(stack: Sequence[tuple[WanLora, float]]):
-    """Linear-weight LoRA pairs (kept as factors) and every other patch (merged in place), by target."""
-    pairs: dict[str, list[tuple[Patch, float]]] = {}
-    diffs: dict[str, list[tuple[Patch, float]]] = {}
+def _by_target(module: torch.nn.Module, stack: Sequence[tuple[WanLora, float]]):
+    """Patches added at forward (LoRA pairs on Linear weights; any patch of an fp8 weight, which cannot take a
+    small change) and patches merged in place (norms, biases, modulation, small weights), by target."""
+    forward_terms: dict[str, list[tuple[Patch, float]]] = {}
+    in_place: dict[str, list[tuple[Patch, float]]] = {}
+    fp8 = {name for name, p in module.named_parameters() if p.dtype in FP8_DTYPES}
+    renamed = diffusers_names(sorted({p.target for lora, _ in stack for p in lora.patches}))
+    fp8_targets = {original for original, name in renamed.items() if name in fp8}
     for lora, strength in stack:
         for patch in lora.patches:
             linear_pair = patch.kind == "lora" and patch.up.ndim == 2 and patch.down.ndim == 2
-            (pairs if linear_pair else diffs).setdefault(patch.target, []).append((patch, float(strength)))
-    return pairs, diffs
+            at_forward = linear_pair or patch.target in fp8_targets
+            (forward_terms if at_forward else in_place).setdefault(patch.target, []).append((patch, float(strength)))
+    return forward_terms, in_place
 
 
 def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
@@ -119,31 +134,42 @@ def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (module.get_submodule(owner_name) if owner_name else module), leaf
 
 
-def _attach_factors(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float]],
-                    state: LoraState) -> None:
+def _attach(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float]], state: LoraState,
+            compute: torch.dtype) -> None:
     layer, _ = _owner(module, name)
     if not isinstance(layer, torch.nn.Linear):
         raise TypeError(f"{name} is not a Linear layer")
     device = layer.weight.device
-    dtype = torch.float32 if layer.weight.dtype not in (torch.float16, torch.bfloat16) else layer.weight.dtype
-    # strength * alpha / rank folded into `up` in float32, then stored in the layer's compute precision
-    up = torch.cat([p.up.to(device, torch.float32) * (s * p.factor) for p, s in entries], dim=1)
-    down = torch.cat([p.down.to(device, torch.float32) for p, _ in entries], dim=0)
+    # stored in the compute precision (an fp8 layer's factors are not kept in float32: 1.7 GB at rank 96 on 14B)
+    dtype = layer.weight.dtype if layer.weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else compute
     if not isinstance(layer, PatchedLinear):
         layer.__class__ = _patched_class(type(layer))
-    layer.register_buffer("lora_up", up.to(dtype), persistent=False)
-    layer.register_buffer("lora_down", down.to(dtype), persistent=False)
     state.factor_layers.append(layer)
+    pairs = [(p, s) for p, s in entries if p.kind == "lora"]
+    if pairs:  # strength * alpha / rank folded into `up` in float32
+        up = torch.cat([p.up.to(device, torch.float32) * (s * p.factor) for p, s in pairs], dim=1)
+        down = torch.cat([p.down.to(device, torch.float32) for p, _ in pairs], dim=0)
+        layer.register_buffer("lora_up", up.to(dtype), persistent=False)
+        layer.register_buffer("lora_down", down.to(dtype), persistent=False)
+    dense = [(p, s) for p, s in entries if p.kind != "lora"]
+    if dense:
+        real = layer.weight.to(torch.float32) * getattr(layer, "weight_scale", torch.ones((), device=device))
+        delta = torch.zeros_like(real)
+        for patch, strength in dense:
+            value = patch.delta.to(device, torch.float32).reshape(real.shape)
+            delta = (value - real) if patch.kind == "set" else delta + strength * patch.factor * value
+        layer.register_buffer("lora_dense", delta.to(dtype), persistent=False)
 
 
 def _merge_in_place(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float]],
                     state: LoraState) -> None:
     owner, leaf = _owner(module, name)
     tensor = getattr(owner, leaf)
-    state.originals[name] = tensor.detach().to("cpu", copy=True)
+    if name not in state.originals:
+        state.originals[name] = tensor.detach().to("cpu", copy=True)
     value = tensor.detach().float()
     for patch, strength in entries:
-        if patch.kind == "set":
+        if patch.kind == "set":  # replaces the weight, whatever the strength (ComfyUI's set_weight)
             value = patch.delta.to(value.device, torch.float32).reshape(value.shape).clone()
         elif patch.kind == "lora":  # a LoRA pair on a conv weight: the product has the weight's shape
             delta = patch.up.flatten(1).to(value.device, torch.float32) @ patch.down.flatten(1).to(
@@ -157,8 +183,9 @@ def _merge_in_place(module: torch.nn.Module, name: str, entries: list[tuple[Patc
 def _restore(module: torch.nn.Module, state: LoraState) -> None:
     with torch.no_grad():
         for layer in state.factor_layers:
-            layer._buffers["lora_up"] = None
-            layer._buffers["lora_down"] = None
+            for buffer in FACTOR_BUFFERS:
+                if buffer in layer._buffers:
+                    layer._buffers[buffer] = None
         for name, original in state.originals.items():
             owner, leaf = _owner(module, name)
             getattr(owner, leaf).data.copy_(original)

@@ -29,6 +29,8 @@ PARTS = MappingProxyType({
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora_B.bias": "up_bias", ".alpha": "alpha", ".diff_b": "diff_b", ".diff_m": "diff_m", ".diff": "diff",
     ".set_weight": "set", ".dora_scale": "dora",
+    ".hada_w1_a": "loha", ".hada_w1_b": "loha", ".hada_w2_a": "loha", ".hada_w2_b": "loha", ".lokr_w1": "lokr",
+    ".lokr_w2": "lokr",
 })
 # the tensor each direct-diff part changes, relative to its module
 DIFF_TARGETS = MappingProxyType({"diff": ".weight", "diff_b": ".bias", "diff_m": ".modulation", "set": ".weight"})
@@ -67,6 +69,7 @@ class KeyPart:
     module: str  # module path in original Wan names ("blocks.0.self_attn.q"), or the raw path when unknown
     part: str  # "up", "down", "alpha", "diff", ...
     known: bool  # the module path was understood
+    tensor: bool = False  # the path names a tensor itself (its diff targets it directly)
 
 
 def detect_format(keys: list[str]) -> Optional[LoraFormat]:
@@ -94,11 +97,11 @@ def module_translators(original_tensors: list[str], diffusers_of: Callable[[list
     underscored = {m.replace(".", "_"): m for m in modules}
     renamed = diffusers_of(original_tensors)
     diffusers = {new.rpartition(".")[0]: old.rpartition(".")[0] for old, new in renamed.items()}
-    return underscored, diffusers, set(modules)
+    return underscored, diffusers, set(modules), set(original_tensors)
 
 
 def parse_key(key: str, fmt: LoraFormat, translators) -> KeyPart:
-    underscored, diffusers, modules = translators
+    underscored, diffusers, modules, tensors = translators
     path, part = _split_part(key[len(fmt.prefix):] if key.startswith(fmt.prefix) else key)
     path = path.replace(".default", "")
     if part is None or not key.startswith(fmt.prefix):
@@ -111,13 +114,20 @@ def parse_key(key: str, fmt: LoraFormat, translators) -> KeyPart:
     elif naming == "diffusers":
         module = diffusers.get(path)
     else:
-        module = path if (path in modules or part == "diff_m") else None
-    return KeyPart(module=module or path, part=part, known=module is not None)
+        # a module, or (ComfyUI's key map for parameters that are not `.weight`) a tensor: blocks.0.modulation.diff
+        module = path if (path in modules or part == "diff_m" or (path in tensors and part in ("diff", "set"))) \
+            else None
+    return KeyPart(module=module or path, part=part, known=module is not None, tensor=path in tensors)
+
+
+UNDERSCORED_IMAGE_KEYS = re.compile(r"(^_*img_emb_|_(k_img|v_img|norm_k_img)(\.|$))")
 
 
 def is_image_key(name: str) -> bool:
-    """The image-conditioning modules of Wan I2V (absent from T2V: expected to stay unmatched)."""
-    return bool(IMAGE_KEYS.search(name.replace("_", ".") if name.startswith("blocks_") else name))
+    """The image-conditioning modules of Wan I2V (absent from T2V: expected to stay unmatched), in original,
+    diffusers or underscored (musubi: `blocks_0_cross_attn_k_img`) names."""
+    plain = name.removeprefix("lora_unet_")
+    return bool(IMAGE_KEYS.search(name) or UNDERSCORED_IMAGE_KEYS.search(plain))
 
 
 def diff_target(module: str, part: str) -> str:

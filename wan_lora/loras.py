@@ -81,15 +81,25 @@ def read_wan_lora(path: str | Path, *, layout: WanTransformerLayout, model_name:
     unknown, expected = [], []
     for key in keys:
         parsed = F.parse_key(key, fmt, translators)
-        if parsed.part == "dora":
-            raise UnsupportedCheckpointError(f"{path.name} is a DoRA ({key}); Flipbook applies LoRA, LoHa-free "
-                                             "low-rank pairs and diffs only. Use a plain LoRA export of it.")
+        if parsed.part in ("dora", "loha", "lokr"):
+            kind = {"dora": "DoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}[parsed.part]
+            raise UnsupportedCheckpointError(f"{path.name} is a {kind} file ({key}); Flipbook applies LoRA pairs "
+                                             "and diffs. Use a plain LoRA export of it (e.g. extract a LoRA from the "
+                                             "merged model).")
         if F.is_image_key(parsed.module) or F.is_image_key(key):
             expected.append(key)
         elif not parsed.known or parsed.part == "?":
             unknown.append(key)
         else:
-            groups.setdefault(parsed.module, {})[parsed.part] = state[key]
+            slot = groups.setdefault(parsed.module, {})
+            if parsed.part in slot:
+                raise UnsupportedCheckpointError(
+                    f"{path.name} has two keys for the {parsed.part} of {parsed.module} (one of them {key}); it "
+                    "is not clear which one to apply. Re-export the LoRA.")
+            slot[parsed.part] = state[key]
+            if parsed.tensor:
+                slot["_tensor"] = torch.ones(())
+    _adapter_alpha(path, fmt, groups)
     patches = [p for module, parts in groups.items() for p in _patches(module, parts, path.name)]
     _check_fit(path.name, model_name, layout, patches, unknown, fmt)
     counts = {kind: sum(p.counted == kind for p in patches) for kind in COUNTED}
@@ -115,15 +125,37 @@ def _patches(module: str, parts: Mapping[str, torch.Tensor], file_name: str) -> 
                          delta=parts["up_bias"]))
     for part in ("diff", "diff_b", "diff_m", "set"):
         if part in parts:
-            out.append(Patch(target=F.diff_target(module, part), kind="set" if part == "set" else "diff",
-                             counted=part, delta=parts[part]))
+            target = module if "_tensor" in parts else F.diff_target(module, part)
+            out.append(Patch(target=target, kind="set" if part == "set" else "diff", counted=part,
+                             delta=parts[part]))
     return out
 
 
+def _adapter_alpha(path: Path, fmt: F.LoraFormat, groups: dict) -> None:
+    """diffusers/peft files keep lora_alpha in the header (`lora_adapter_metadata`, diffusers' save_lora_adapter)
+    instead of `.alpha` keys; diffusers scales by it, so Flipbook does too."""
+    import json
+
+    if fmt.id not in ("diffusers", "peft", "bare", "diffsynth") or path.suffix != ".safetensors":
+        return
+    raw = (read_safetensors_header(path).get("__metadata__") or {}).get("lora_adapter_metadata")
+    try:
+        alpha = json.loads(raw).get("lora_alpha") if raw else None
+    except ValueError:
+        alpha = None
+    if alpha is None:
+        return
+    for parts in groups.values():
+        if "up" in parts and "alpha" not in parts:
+            parts["alpha"] = torch.tensor(float(alpha))
+
+
 def _width(patches: list[Patch]) -> Optional[int]:
+    """The model width the LoRA was made for, from any attention or modulation tensor of a block."""
     for patch in patches:
-        if patch.target.endswith("self_attn.q.weight") and patch.up is not None:
-            return patch.up.shape[0]
+        attention = re.search(r"blocks\.\d+\.(self|cross)_attn\.[qkvo]\.weight$", patch.target)
+        if attention and patch.up is not None:
+            return patch.up.shape[0] if not patch.target.endswith("o.weight") else patch.down.shape[1]
         if patch.target.endswith("modulation") and patch.delta is not None:
             return patch.delta.shape[-1]
     return None
@@ -168,8 +200,9 @@ def _not_wan_message(name: str, keys: list[str], model_name: str) -> str:
     if any(F.SD_LORA.match(k) for k in keys):
         return (f"{name} is a Stable Diffusion LoRA (UNet/text-encoder keys such as {keys[0]}), but {model_name} is "
                 "a Wan 2.1 model. Use a Wan 2.1 T2V LoRA; SD LoRAs belong on the Lightning path.")
-    return (f"{name} is not a Wan LoRA in a known format (keys such as {keys[:2]}); known: "
-            f"{', '.join(f.label for f in F.FORMATS.values())}.")
+    return (f"{name} is not a Wan LoRA in a format Flipbook knows (keys such as {keys[:2]}); known: "
+            f"{', '.join(f.label for f in F.FORMATS.values())}. If it is a Wan LoRA, convert it with musubi-tuner's "
+            "convert_lora.py or load it once in ComfyUI to see its format, and report it to Flipbook.")
 
 
 def _trigger(path: Path) -> Optional[str]:

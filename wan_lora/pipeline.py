@@ -311,7 +311,8 @@ def prompt_with_triggers(prompt: str, model: Optional[WanModel]) -> tuple[str, t
     notes, missing = [], []
     for entry in model.loras:
         trigger = entry.trigger
-        if not trigger or not entry.strength or trigger.lower().rstrip(" .,") in prompt.lower():
+        seen = " ".join([*missing, prompt]).lower()  # two LoRAs with one trigger (or one chained twice): added once
+        if not trigger or not entry.strength or trigger.lower().rstrip(" .,") in seen:
             continue
         missing.append(trigger)
         notes.append(f"added the trigger of {entry.lora.name} to the prompt: {trigger!r}")

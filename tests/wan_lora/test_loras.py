@@ -163,3 +163,89 @@ def test_bad_loras_are_typed_errors_naming_both_models(base, tmp_path):
         {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 4)})])
     with pytest.raises(IncompatibleModelsError, match="Stable Diffusion LoRA"):
         read_wan_lora(sd, layout=layout, model_name=path.name)
+
+
+def _save(path, tensors, metadata=None):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def test_musubi_i2v_image_keys_are_expected_unmatched(base, tmp_path):
+    path, _ = base
+    lora_path, _ = L.write_tiny_lora(tmp_path / "musubi.safetensors", fmt="musubi")
+    extra = {}
+    for i in range(2):
+        for name in ("k_img", "v_img"):
+            extra[f"lora_unet_blocks_{i}_cross_attn_{name}.lora_down.weight"] = torch.zeros(4, 128)
+            extra[f"lora_unet_blocks_{i}_cross_attn_{name}.lora_up.weight"] = torch.zeros(128, 4)
+            extra[f"lora_unet_blocks_{i}_cross_attn_{name}.alpha"] = torch.tensor(2.0)
+    i2v = _edited(lora_path, tmp_path / "musubi_i2v.safetensors", lambda t: t.update(extra))
+    lora = read_wan_lora(i2v, layout=inspect_wan_transformer(path), model_name=path.name)
+    assert len(lora.report.expected_unmatched) == 12 and lora.report.applied["lora"] == 20
+
+
+def test_a_failure_part_way_leaves_the_base_untouched(base, tmp_path, monkeypatch):
+    from flipbook_pack.wan_lora import lora_apply
+
+    path, component = base
+    original = _denoised(component.module)
+    lora_path, _ = L.write_tiny_lora(tmp_path / "lightx2v.safetensors", fmt="lightx2v")
+    lora = read_wan_lora(lora_path, layout=inspect_wan_transformer(path), model_name=path.name)
+    real, calls = lora_apply._merge_in_place, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 20:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(lora_apply, "_merge_in_place", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        apply_lora_stack(component, [(lora, 1.0)])
+    monkeypatch.setattr(lora_apply, "_merge_in_place", real)
+    assert torch.equal(_denoised(component.module), original)
+    apply_lora_stack(component, [(lora, 1.0)])
+    apply_lora_stack(component, [])
+    assert torch.equal(_denoised(component.module), original)
+
+
+def test_diffs_on_fp8_weights_param_diffs_adapter_alpha_and_strength_zero(tmp_path):
+    from safetensors.torch import load_file
+
+    path = T.write_tiny_wan(tmp_path / "wan_fp8_scaled.safetensors", storage="fp8_scaled")
+    layout = inspect_wan_transformer(path)
+    component = _component(path)
+    original = _denoised(component.module)
+    generator = torch.Generator().manual_seed(4)
+    diff = torch.randn(128, 128, generator=generator) * 0.01
+    modulation = torch.randn(1, 6, 128, generator=generator) * 0.01
+    lora_path = _save(tmp_path / "diffs.safetensors", {"diffusion_model.blocks.0.self_attn.q.diff": diff,
+                                                       "diffusion_model.blocks.1.modulation.diff": modulation})
+    lora = read_wan_lora(lora_path, layout=layout, model_name=path.name)
+    apply_lora_stack(component, [(lora, 1.0)])
+    merged = T.dequantized_state(load_file(str(path)))
+    merged["blocks.0.self_attn.q.weight"] = merged["blocks.0.self_attn.q.weight"] + diff
+    merged["blocks.1.modulation"] = merged["blocks.1.modulation"] + modulation
+    torch.testing.assert_close(_denoised(component.module),
+                               _denoised(_component(_save(tmp_path / "m.safetensors", merged)).module),
+                               atol=1e-5, rtol=1e-5)
+    setter = _save(tmp_path / "set.safetensors", {"diffusion_model.blocks.0.norm3.set_weight": torch.zeros(128)})
+    apply_lora_stack(component, [(read_wan_lora(setter, layout=layout, model_name=path.name), 0.0)])
+    assert torch.equal(_denoised(component.module), original)  # strength 0 is off, set_weight included
+
+    diffusers_path, plain = L.write_tiny_lora(tmp_path / "d.safetensors", fmt="diffusers")
+    with_alpha = _save(tmp_path / "d_alpha.safetensors", load_file(str(diffusers_path)),
+                       metadata={"lora_adapter_metadata": '{"lora_alpha": 8, "r": 4}'})
+    lora = read_wan_lora(with_alpha, layout=layout, model_name=path.name)
+    assert {p.factor for p in lora.patches} == {2.0}  # lora_alpha / rank, as diffusers scales it
+
+
+def test_two_spellings_of_one_part_are_refused(base, tmp_path):
+    path, _ = base
+    lora_path, _ = L.write_tiny_lora(tmp_path / "comfy.safetensors", fmt="comfy")
+    twice = _edited(lora_path, tmp_path / "twice.safetensors", lambda t: t.__setitem__(
+        "diffusion_model.blocks.0.ffn.2.lora_A.default.weight", t["diffusion_model.blocks.0.ffn.2.lora_A.weight"].clone()))
+    with pytest.raises(UnsupportedCheckpointError, match="two keys"):
+        read_wan_lora(twice, layout=inspect_wan_transformer(path), model_name=path.name)

@@ -112,3 +112,16 @@ def test_fill_policy_uses_the_preset_and_says_so(model):
     result = W.sample_wan(model, _request(preset="lightx2v_4step", policy="fill", sampler="unipc", cfg=4.0, steps=8))
     assert (result.settings.steps, result.settings.cfg, result.settings.sampler) == (4, 1.0, "euler")
     assert any("policy 'fill'" in note for note in result.notes)
+
+
+def test_trigger_phrases_are_added_once_and_only_when_missing():
+    import types
+
+    def entry(name, trigger, strength=1.0):
+        return types.SimpleNamespace(lora=types.SimpleNamespace(name=name), trigger=trigger, strength=strength)
+
+    model = types.SimpleNamespace(loras=(entry("a.safetensors", "Studio Ghibli style."),
+                                         entry("b.safetensors", "Studio Ghibli style."), entry("c", "pixel art", 0.0)))
+    prompt, notes = W.prompt_with_triggers("a girl on a hill", model)
+    assert prompt == "Studio Ghibli style. a girl on a hill" and len(notes) == 1
+    assert W.prompt_with_triggers("studio ghibli style, a girl", model) == ("studio ghibli style, a girl", ())
