@@ -3,7 +3,7 @@
 Two ways, chosen per tensor:
 - LoRA pairs on Linear weights (the bulk: every block's q, k, v, o, ffn) stay beside the weight as one
   pair of factors per layer (all LoRAs concatenated along the rank, strength and alpha/rank folded in)
-  and are added to the weight at each forward, in float32: W' = W * scale + U @ D. The base weights are
+  and are added to the weight at each forward, in the compute dtype: W' = W * scale + U @ D. The base weights are
   never written, so an fp8 model keeps its fp8 weights (requantizing a merged fp8 weight would round most
   of a LoRA's small delta away: bench/wan_lora.py measures it), a swap replaces only the factors, and
   swapping back gives the original output bit for bit. The cost is one (out x rank) @ (rank x in) product
@@ -37,17 +37,20 @@ class PatchedLinear:
         up, dense = getattr(self, "lora_up", None), getattr(self, "lora_dense", None)
         if up is None and dense is None:
             return super().forward(x)
-        weight = self.weight.to(device=x.device, dtype=torch.float32, non_blocking=True)
+        # in the compute dtype, as a merge into bf16/fp16 weights would round it (matmuls accumulate in fp32);
+        # float32 passes over every weight would cost more memory traffic than the LoRA product itself
+        dtype = x.dtype
+        weight = self.weight.to(device=x.device, dtype=dtype, non_blocking=True)
         scale = getattr(self, "weight_scale", None)
         if scale is not None:
-            weight = weight * scale.to(device=x.device, dtype=torch.float32)
+            weight = weight * scale.to(device=x.device, dtype=dtype)
         if up is not None:
-            down = self.lora_down.to(device=x.device, dtype=torch.float32, non_blocking=True)
-            weight = torch.addmm(weight, up.to(device=x.device, dtype=torch.float32, non_blocking=True), down)
+            down = self.lora_down.to(device=x.device, dtype=dtype, non_blocking=True)
+            weight = torch.addmm(weight, up.to(device=x.device, dtype=dtype, non_blocking=True), down)
         if dense is not None:  # a diff or set_weight on an fp8 weight: added here, never rounded into fp8
-            weight = weight + dense.to(device=x.device, dtype=torch.float32, non_blocking=True)
-        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype, non_blocking=True)
-        return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+            weight = weight + dense.to(device=x.device, dtype=dtype, non_blocking=True)
+        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=dtype, non_blocking=True)
+        return torch.nn.functional.linear(x, weight, bias)
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
