@@ -106,13 +106,17 @@ def main() -> int:
         lines.append(f"(a) LoRA swap / full load = {swap_t:.3f}s / {load_t:.3f}s = {swap_t / load_t:.3f}  (goal <= 0.1; "
                      f"{args.heads * 128} wide x {args.layers} blocks, bf16, rank {args.rank} style + distill)")
         shape = W.latent_shape(frames=args.frames, width=args.res, height=args.res)
-        apply_lora_stack(component, [])
-        plain_t = _forward_time(W, model, shape, 4096, args.repeats)
-        apply_lora_stack(component, [(e.lora, e.strength) for e in stack.loras])
-        patched_t = _forward_time(W, model, shape, 4096, args.repeats)
+        plain_times, patched_times = [], []
+        for _ in range(args.repeats):  # interleaved, so drifts of this shared machine hit both sides alike
+            apply_lora_stack(component, [])
+            plain_times.append(_forward_time(W, model, shape, 4096, 1))
+            apply_lora_stack(component, [(e.lora, e.strength) for e in stack.loras])
+            patched_times.append(_forward_time(W, model, shape, 4096, 1))
+        plain_t, patched_t = statistics.median(plain_times), statistics.median(patched_times)
         tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
         lines.append(f"(b) forward with the LoRA stack / without = {patched_t:.3f}s / {plain_t:.3f}s = "
-                     f"{patched_t / plain_t:.3f}  (goal <= 1.01; {tokens} tokens)")
+                     f"{patched_t / plain_t:.3f}  (goal <= 1.01; {tokens} tokens, {args.heads * 128} wide x "
+                     f"{args.layers} blocks)")
         lines.append(figure_c(T, L, sizes, scratch))
     sys.stdout.write(f"CPU, torch {torch.__version__}\n" + "\n".join(lines) + "\n")
     return 0

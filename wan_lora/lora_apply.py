@@ -37,6 +37,12 @@ class PatchedLinear:
         up, dense = getattr(self, "lora_up", None), getattr(self, "lora_dense", None)
         if up is None and dense is None:
             return super().forward(x)
+        tokens = x.numel() // x.shape[-1]
+        if dense is None and tokens * (self.in_features + self.out_features) < self.in_features * self.out_features:
+            # few tokens (the time embedding sees one, the text embedding 512): x D^T U^T is cheaper than U @ D
+            low_rank = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_down.to(x.device, x.dtype)),
+                                                  up.to(x.device, x.dtype))
+            return super().forward(x) + low_rank
         # in the compute dtype, as a merge into bf16/fp16 weights would round it (matmuls accumulate in fp32);
         # float32 passes over every weight would cost more memory traffic than the LoRA product itself
         dtype = x.dtype
