@@ -65,6 +65,16 @@ def timesteps_linspace(steps: int, n: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
 TIMESTEP_SPACINGS: MappingProxyType[str, Callable[[int], np.ndarray]] = MappingProxyType(
     {"trailing": timesteps_trailing, "leading": timesteps_leading, "linspace": timesteps_linspace}
 )
+# ComfyUI's scheduler names for the same spacing (comfy/samplers.py): `simple` takes every (1000 / steps)-th
+# timestep from the last, which is trailing for 1, 2, 4 and 8 steps (3 steps: 333 where trailing has 332);
+# `sgm_uniform` spaces timesteps evenly from 999 (4 steps: 999, 749.25, 499.5, 249.75: within one timestep).
+# The AnimateDiff-Lightning card tells ComfyUI users to pick sgm_uniform.
+COMFY_SPACING_NAMES = MappingProxyType({"sgm_uniform": "trailing", "simple": "trailing"})
+
+
+def canonical_spacing(name: str) -> str:
+    """A timestep spacing id from a diffusers or ComfyUI scheduler name."""
+    return COMFY_SPACING_NAMES.get(name, name)
 
 
 def sigmas_for_steps(model_sigmas: torch.Tensor, spacing: str, steps: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -21,8 +21,8 @@ from ..core.guards import require_finite
 from ..core.model_handle import Component, LocalMemory, MemoryPolicy, ModelHandle
 from ..core.prompt import embedding_names, encode_weighted, join_contexts, match_lengths  # noqa: F401
 from ..core.sampler_table import SAMPLERS
-from ..core.sampling import seeded_noise
-from ..core.schedules import discrete_sigmas, sigmas_for_steps
+from ..core.sampling import StepCallback, seeded_noise
+from ..core.schedules import canonical_spacing, discrete_sigmas, sigmas_for_steps
 from ..core.vae import decode_latents
 from . import variants as V
 from .motion_module import (MotionModuleInfo, adapter_config, inspect_motion_module, motion_attention_key_projections,  # noqa: F401
@@ -226,6 +226,7 @@ class GenerationResult:
     notes: tuple[str, ...]
     denoiser_calls: int
     model_forwards: int = 0  # UNet passes (2 per step when the CFG branches cannot share a batch)
+    latents: Optional[torch.Tensor] = None  # [F, 4, h, w] in the UNet's (scaled) latent space, on the CPU
 
 
 def validate_request(model: LightningModel, request: GenerationRequest) -> V.CheckedSettings:
@@ -233,7 +234,8 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
     if not math.isfinite(request.cfg):  # NaN passes every comparison below (a linked value, an API prompt)
         raise InvalidSettingError(f"cfg={request.cfg}: use a finite number (1.0 for Lightning).")
     checked = V.check_settings(
-        model.variant, V.SamplingSettings(request.steps, request.cfg, request.scheduler), model.policy
+        model.variant, V.SamplingSettings(request.steps, request.cfg, canonical_spacing(request.scheduler)),
+        model.policy
     )
     if not 1 <= request.frames <= model.motion.max_frames:
         raise InvalidSettingError(
@@ -273,7 +275,7 @@ def vae_working_bytes(frames: int, height: int, width: int, dtype: torch.dtype) 
 
 
 def generate(model: LightningModel, request: GenerationRequest, progress: Optional[ProgressFn] = None,
-             memory: Optional[MemoryPolicy] = None) -> GenerationResult:
+             memory: Optional[MemoryPolicy] = None, preview: Optional[StepCallback] = None) -> GenerationResult:
     """Text to frames. `memory` puts components on the compute device before each stage (default:
     the headless policy); `progress(done, total)` counts steps then decoded chunks and may raise to cancel."""
     checked = validate_request(model, request)
@@ -290,7 +292,7 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     memory.prepare([model.handle["unet"]], unet_working_bytes(request.frames, request.height, request.width,
                                                               model.dtype, denoiser.guided))
     with motion_scale(model.unet, request.motion_scale):
-        latents = SAMPLERS[model.variant.sampler](denoiser, x, sigmas)
+        latents = SAMPLERS[model.variant.sampler](denoiser, x, sigmas, preview)
     require_finite(latents, what="sampled latents", likely_causes=(
         f"NaN/inf weights in {model.checkpoint_name} or {model.motion_name} (download the file again), or a "
         f"{str(model.dtype).removeprefix('torch.')} overflow in the UNet (try ComfyUI's --force-fp32)"))
@@ -302,7 +304,7 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=DECODE_CHUNK, progress=decode_cb,
                             device=vae.load_device, source=f"the VAE of {model.checkpoint_name}")
     return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=denoiser.calls,
-                            model_forwards=denoiser.forwards)
+                            model_forwards=denoiser.forwards, latents=frames_latents.float().cpu())
 
 
 def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: V.SamplingSettings,

@@ -13,7 +13,7 @@ import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -127,21 +127,50 @@ def clip_tokenizer_dir() -> Optional[Path]:
     return folder if (folder / "vocab.json").is_file() else None
 
 
-def progress_reporter(total: int) -> Callable[[int, int], None]:
-    """A (done, total) callback driving ComfyUI's progress bar; each update is also a cancel point."""
-    utils = None if _headless is not None else _module("comfy.utils")
-    management = _management()
-    bar = utils.ProgressBar(total) if utils is not None else None
+class _Progress:
+    """ComfyUI's progress bar for one node run; every update is a cancel point. With a latent format
+    (comfy.latent_formats: "SD15", "Wan21") steps also send a latent preview, as the user's --preview-method
+    says (Latent2RGB or TAESD). Headless: a log line per update."""
 
-    def report(done: int, of: int) -> None:
-        if management is not None:
-            management.throw_exception_if_processing_interrupted()
-        if bar is not None:
-            bar.update_absolute(done, of)
+    def __init__(self, total: int, latent_format: Optional[str] = None) -> None:
+        utils = None if _headless is not None else _module("comfy.utils")
+        self.management = _management()
+        self.bar = utils.ProgressBar(total) if utils is not None and self.management is not None else None
+        self.previewer = _previewer(self.management, latent_format) if self.bar and latent_format else None
+        self.done, self.total = 0, total
+
+    def __call__(self, done: int, of: int, preview=None) -> None:
+        if self.management is not None:
+            self.management.throw_exception_if_processing_interrupted()
+        self.done, self.total = done, of
+        if self.bar is not None:
+            self.bar.update_absolute(done, of, preview) if preview is not None else self.bar.update_absolute(done, of)
         else:
             log.info("progress %d/%d", done, of)
 
-    return report
+    def _image(self, denoised: torch.Tensor):
+        if self.previewer is None:
+            return None
+        try:
+            return self.previewer.decode_latent_to_preview_image("JPEG", denoised)
+        except Exception as exc:  # a preview must never fail a run
+            log.debug("latent preview failed: %s", exc)
+            return None
+
+    def step(self, step: int, of: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        """A sampler callback that is the progress itself (one evaluation per step)."""
+        self(step, of, self._image(denoised))
+
+    def preview(self, step: int, of: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        """A sampler callback that only adds the preview; the progress counts come from elsewhere."""
+        image = self._image(denoised)
+        if image is not None:
+            self(self.done, self.total, image)
+
+
+def progress_reporter(total: int, latent_format: Optional[str] = None) -> _Progress:
+    """A (done, total) callback driving ComfyUI's progress bar; `.preview` / `.step` are sampler callbacks."""
+    return _Progress(total, latent_format)
 
 
 def v3_api():
@@ -268,29 +297,14 @@ def wan_placements() -> Optional[dict]:
 
 
 def step_reporter(total: int, latent_format: str = "Wan21"):
-    """A sampler callback (step, total, x, denoised): ComfyUI's progress bar with a latent preview (Latent2RGB or
-    TAESD, as the user's --preview-method says); each step is a cancel point. Headless: a log line per step."""
-    utils = None if _headless is not None else _module("comfy.utils")
-    management = _management()
-    if utils is None or management is None:
-        return lambda step, of, x, denoised: log.info("step %d/%d", step, of)
-    bar = utils.ProgressBar(total)
-    previewer = _previewer(management, latent_format)
-
-    def report(step: int, of: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-        management.throw_exception_if_processing_interrupted()
-        preview = None
-        if previewer is not None:
-            try:
-                preview = previewer.decode_latent_to_preview_image("JPEG", denoised)
-            except Exception as exc:  # a preview must never fail a run
-                log.debug("latent preview failed: %s", exc)
-        bar.update_absolute(step, of, preview)
-
-    return report
+    """A sampler callback (step, total, x, denoised): ComfyUI's progress bar with a latent preview; each step is a
+    cancel point. Headless: a log line per step."""
+    return _Progress(total, latent_format).step
 
 
 def _previewer(management, latent_format: str):
+    if management is None:
+        return None
     latent_preview, formats = _module("latent_preview"), _module("comfy.latent_formats")
     if latent_preview is None or formats is None or not hasattr(formats, latent_format):
         return None

@@ -6,7 +6,7 @@ from . import _comfy
 from .specs import NodeResult, NodeSpec, Param, number_problem, option
 
 MODEL_TYPE = "FLIPBOOK_LIGHTNING"
-CATEGORY = "Flipbook/Lightning"
+CATEGORY = "Flipbook/AnimateDiff Lightning (motion)"
 
 
 def _load(ckpt_name, motion_model, variant, policy) -> NodeResult:
@@ -25,9 +25,14 @@ def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, sc
 
     request = GenerationRequest(prompt=prompt, negative=negative, seed=seed, frames=frames, width=width, height=height,
                                 steps=steps, cfg=cfg, scheduler=scheduler, motion_scale=motion_scale)
-    result = generate(model, request, progress=_comfy.progress_reporter(steps), memory=_comfy.memory_for(model.handle))
+    progress = _comfy.progress_reporter(steps, latent_format="SD15")
+    result = generate(model, request, progress=progress, memory=_comfy.memory_for(model.handle),
+                      preview=progress.preview)
     notes = [*model.notes, *result.notes]
-    return NodeResult((result.frames,), {"flipbook_notes": notes} if notes else None)
+    # ComfyUI's LATENT for SD1.5 holds the VAE's own latents (latent_formats.SD15: scale 0.18215 on the way in),
+    # one per frame as AnimateDiff-Evolved batches them: core VAE Decode, upscalers and hires passes take it
+    latent = {"samples": result.latents / model.scaling_factor}
+    return NodeResult((result.frames, latent), {"flipbook_notes": notes} if notes else None)
 
 
 def _check_sample(cls, prompt=None, negative=None, cfg=None, motion_scale=None):
@@ -52,7 +57,7 @@ def _check_sample(cls, prompt=None, negative=None, cfg=None, motion_scale=None):
 
 LOADER = NodeSpec(
     node_id="FlipbookLightningLoader",
-    display_name="Flipbook Lightning Loader",
+    display_name="Flipbook AnimateDiff-Lightning Loader (checkpoint + motion module)",
     category=CATEGORY,
     description="Loads an SD1.5 checkpoint and an AnimateDiff(-Lightning) motion module, detects the motion "
                 "module's variant and locks sampling to the steps/CFG/scheduler it was trained for.",
@@ -70,13 +75,17 @@ LOADER = NodeSpec(
     ),
     outputs=((MODEL_TYPE, "model"),),
     run=_load,
+    output_tooltips=("The SD1.5 checkpoint with its AnimateDiff motion module and the variant's settings, for the "
+                     "Flipbook AnimateDiff-Lightning Sampler.",),
 )
 
 SAMPLER = NodeSpec(
     node_id="FlipbookLightningSampler",
-    display_name="Flipbook Lightning Sampler",
+    display_name="Flipbook AnimateDiff-Lightning Sampler (text to animation)",
     category=CATEGORY,
-    description="Text to animation with the loaded Lightning model. Returns IMAGE frames.",
+    description="Text to animation with the loaded AnimateDiff(-Lightning) model, at the steps, CFG and scheduler "
+                "its motion module was trained for. Replaces AnimateDiff-Evolved's Load AnimateDiff Model + Apply "
+                "AnimateDiff Model + KSampler + VAE Decode chain in one node. Returns IMAGE frames.",
     inputs=(
         Param("model", MODEL_TYPE, "From Flipbook Lightning Loader."),
         Param("prompt", "STRING", "What to animate; name the motion (e.g. 'hair blowing in the wind').",
@@ -93,14 +102,18 @@ SAMPLER = NodeSpec(
               {"default": 4, "min": 1, "max": 200}),
         Param("cfg", "FLOAT", "Lightning: 1.0 (fastest, no negative pass); 1.0-2.0 works, above 2 artefacts.",
               {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01}),
-        Param("scheduler", "COMBO", "Timestep spacing. Lightning needs trailing (ComfyUI: sgm_uniform/simple).",
-              {"default": "trailing"}, choices=lambda: ["trailing", "leading", "linspace"]),
+        Param("scheduler", "COMBO", "Timestep spacing. Lightning needs trailing; ComfyUI's sgm_uniform and simple "
+              "mean the same here.", {"default": "trailing"},
+              choices=lambda: ["trailing", "leading", "linspace", "sgm_uniform", "simple"]),
         Param("motion_scale", "FLOAT", "Temporal attention scale: 0.8-0.9 calmer, 1.1-1.2 livelier.",
               {"default": 1.0, "min": 0.5, "max": 1.5, "step": 0.05}),
     ),
-    outputs=(("IMAGE", "frames"),),
+    outputs=(("IMAGE", "frames"), ("LATENT", "latent")),
     run=_sample,
     validate=_check_sample,
+    output_tooltips=("The animation's frames (ComfyUI IMAGE, one per frame) for Flipbook Save Video or any image "
+                     "node.", "The same frames as a ComfyUI LATENT (one latent per frame), for core VAE Decode, "
+                     "latent upscalers or a second pass."),
 )
 
 SPECS = (LOADER, SAMPLER)

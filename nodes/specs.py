@@ -37,6 +37,7 @@ class NodeSpec:
     inputs: tuple[Param, ...]
     outputs: tuple[tuple[str, str], ...]  # (type, name)
     run: Callable[..., NodeResult]
+    output_tooltips: tuple[str, ...] = ()  # one per output, shown on hover
     hidden: tuple[str, ...] = ()  # "prompt", "extra_pnginfo"
     output_node: bool = False
     needs_video_api: bool = False  # only offered where ComfyUI has its native VIDEO type (V3 API)

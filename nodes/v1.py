@@ -34,6 +34,7 @@ def v1_class(spec: NodeSpec) -> type:
         "INPUT_TYPES": classmethod(input_types),
         "RETURN_TYPES": tuple(kind for kind, _ in spec.outputs),
         "RETURN_NAMES": tuple(name for _, name in spec.outputs),
+        **({"OUTPUT_TOOLTIPS": spec.output_tooltips} if spec.output_tooltips else {}),
         "FUNCTION": "execute",
         "CATEGORY": spec.category,
         "DESCRIPTION": spec.description,

@@ -1,7 +1,7 @@
 """NodeSpec -> ComfyUI V3 nodes (comfy_api io.ComfyNode), the API new ComfyUI features land in."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from .specs import NodeSpec, Param
 
@@ -23,10 +23,10 @@ def _input(io: Any, param: Param):
     return link.Input(param.name, **common)
 
 
-def _output(io: Any, kind: str, name: str):
+def _output(io: Any, kind: str, name: str, tooltip: Optional[str] = None):
     known = LINKS.get(kind) or WIDGETS.get(kind)  # STRING/BOOLEAN outputs are the widget types' outputs
     link = getattr(io, known) if known else io.Custom(kind)
-    return link.Output(display_name=name)
+    return link.Output(display_name=name, **({"tooltip": tooltip} if tooltip else {}))
 
 
 def v3_class(spec: NodeSpec, io: Any) -> type:
@@ -34,7 +34,8 @@ def v3_class(spec: NodeSpec, io: Any) -> type:
         return io.Schema(
             node_id=spec.node_id, display_name=spec.display_name, category=spec.category,
             description=spec.description, inputs=[_input(io, p) for p in spec.inputs],
-            outputs=[_output(io, kind, name) for kind, name in spec.outputs],
+            outputs=[_output(io, kind, name, tip) for (kind, name), tip in
+                     zip(spec.outputs, spec.output_tooltips or (None,) * len(spec.outputs))],
             hidden=[getattr(io.Hidden, name) for name in spec.hidden], is_output_node=spec.output_node,
         )
 

@@ -230,3 +230,25 @@ def test_a_nan_cfg_that_skipped_the_queue_check_is_refused_before_sampling(light
     monkeypatch.setattr(P, "SAMPLERS", {"euler": lambda *a, **k: pytest.fail("sampled with cfg NaN")})
     with pytest.raises(InvalidSettingError, match="cfg=nan: use a finite number"):
         P.generate(lightning_model, _request(cfg=float("nan")))
+
+
+def test_comfyuis_scheduler_names_are_the_trailing_spacing(lightning_model):
+    """sgm_uniform / simple (what the Lightning card tells ComfyUI users to pick) run the trained timesteps."""
+    request = dict(prompt="a fox", seed=2, frames=4, width=64, height=64, steps=4)
+    trailing = P.generate(lightning_model, P.GenerationRequest(**request, scheduler="trailing")).frames
+    for name in ("sgm_uniform", "simple"):
+        assert torch.equal(P.generate(lightning_model, P.GenerationRequest(**request, scheduler=name)).frames,
+                           trailing)
+
+
+def test_latents_decode_to_the_frames_through_diffusers_vae(lightning_model):
+    """The sampler's LATENT (ComfyUI's SD1.5 layout: the VAE's own latents, one per frame) is what the VAE
+    decodes into the IMAGE frames."""
+    result = P.generate(lightning_model, P.GenerationRequest(prompt="a fox", seed=2, frames=4, width=64, height=64,
+                                                             steps=4))
+    comfy_latent = result.latents / lightning_model.scaling_factor
+    assert comfy_latent.shape == (4, 4, 8, 8)
+    with torch.no_grad():
+        decoded = lightning_model.vae.decode(comfy_latent).sample
+    torch.testing.assert_close(((decoded + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1), result.frames, atol=1e-5,
+                               rtol=1e-5)

@@ -172,8 +172,9 @@ def test_nodes_inside_comfyui_list_models_report_progress_and_save(fake_comfy, t
     assert "animatediff_lightning_4step_comfyui.safetensors" in choices
     (model,) = loader().execute(ckpt_name="tiny_sd15.safetensors", variant="auto", policy="strict",
                                 motion_model="animatediff_lightning_4step_comfyui.safetensors")
-    (frames,) = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().execute(**_sampler_inputs(model))
+    frames, latent = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().execute(**_sampler_inputs(model))
     assert frames.shape == (4, 64, 64, 3) and state["updates"][-1][0] == state["updates"][-1][1]
+    assert latent["samples"].shape == (4, 4, 8, 8)  # ComfyUI's SD1.5 LATENT: one latent per frame
     assert model.device.type == "cpu"  # ComfyUI's device choice (--cpu here) is honoured
     cli_args.args.disable_metadata = True
     out = NODE_CLASS_MAPPINGS["FlipbookSaveVideo"]().execute(

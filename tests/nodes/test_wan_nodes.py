@@ -204,15 +204,17 @@ def fake_comfy(monkeypatch):
     management.vae_dtype = lambda device=None, allowed=(): allowed[-1]
     formats = types.ModuleType("comfy.latent_formats")
     formats.Wan21 = lambda: "wan21-format"
+    formats.SD15 = lambda: "sd15-format"
     previews = types.ModuleType("latent_preview")
 
     class Previewer:
         def decode_latent_to_preview_image(self, fmt, x0):
-            assert x0.ndim == 5 and x0.shape[1] == 16  # the video latent, as ComfyUI's Latent2RGB takes it
+            assert x0.ndim == 5 and x0.shape[1] in (4, 16)  # the video latent [B, C, F, h, w], as Latent2RGB takes it
             state["previews"] += 1
             return ("JPEG", "image", 512)
 
-    previews.get_previewer = lambda device, latent_format: Previewer() if latent_format == "wan21-format" else None
+    previews.get_previewer = lambda device, latent_format: (Previewer() if latent_format in ("wan21-format",
+                                                                                           "sd15-format") else None)
     for name, module in {"comfy": types.ModuleType("comfy"), "comfy.utils": utils,
                          "comfy.model_management": management, "comfy.latent_formats": formats,
                          "latent_preview": previews}.items():
@@ -360,3 +362,13 @@ def test_triggers_swaps_and_prompt_expansion_through_the_nodes(lora_models):
         assert 'Begin with exactly "Studio Ghibli style."' in text and text.endswith("Idea: a cat on a train")
     finally:
         _comfy.use_headless(None)
+
+
+def test_lightning_sampler_sends_latent_previews_inside_comfyui(fake_comfy, lightning_model):
+    from flipbook_pack.lightning import pipeline as P
+
+    progress = _comfy.progress_reporter(4, latent_format="SD15")
+    P.generate(lightning_model, P.GenerationRequest(prompt="a fox", frames=4, width=64, height=64, steps=4),
+               progress=progress, preview=progress.preview)
+    assert fake_comfy["previews"] == 4
+    assert [u[2] for u in fake_comfy["updates"] if u[2] is not None] == [("JPEG", "image", 512)] * 4
