@@ -71,14 +71,22 @@ def flow_prediction(multiplier: float = FLOW_TIMESTEP_MULTIPLIER) -> Parameteriz
     )
 
 
-def initial_latent(noise: torch.Tensor, sigma_max: torch.Tensor, parameterization: Parameterization) -> torch.Tensor:
-    """The sampler's starting x for a full denoise from unit-variance noise.
+def initial_latent(noise: torch.Tensor, sigma_max: torch.Tensor, parameterization: Parameterization,
+                   init: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The sampler's starting x from unit-variance noise: for a full denoise, or from `init` (the latents of
+    an input video or image) for a partial one starting at sigma_max.
 
-    Epsilon models start at sqrt(1 + sigma_max^2) * noise, as ComfyUI does; diffusers' Euler scheduler
+    Full: epsilon models start at sqrt(1 + sigma_max^2) * noise, as ComfyUI does; diffusers' Euler scheduler
     starts trailing/linspace schedules at sigma_max * noise instead (see `epsilon_prediction`). Flow
-    models start at sigma_max * noise (= noise at sigma 1).
+    models start at sigma_max * noise (= noise at sigma 1). Partial: init + sigma * noise for epsilon models,
+    (1 - sigma) init + sigma noise for flow models (ComfyUI comfy/model_sampling.py EPS / CONST noise_scaling).
     """
-    return noise * parameterization.initial_scale(sigma_max)
+    if init is None:
+        return noise * parameterization.initial_scale(sigma_max)
+    init = init.to(noise.device, noise.dtype)
+    if parameterization.name == "flow":
+        return init * (1 - sigma_max) + noise * sigma_max
+    return init + noise * sigma_max
 
 
 def uses_negative(cfg: float) -> bool:

@@ -88,6 +88,21 @@ def sigmas_for_steps(model_sigmas: torch.Tensor, spacing: str, steps: int) -> tu
     return sigmas.float(), timesteps
 
 
+def schedule_tail(sigmas: torch.Tensor, timesteps: np.ndarray, denoise: float) -> tuple[torch.Tensor, np.ndarray]:
+    """The last round(denoise * steps) steps of a schedule: a partial denoise (video-to-video, image-to-animation)
+    that stays on the timesteps a distilled model was trained for instead of a schedule of its own."""
+    steps = len(timesteps)
+    if not (0.0 < denoise <= 1.0):
+        raise InvalidSettingError(f"denoise={denoise}: use a number above 0 and at most 1 (1 = from pure noise; "
+                                  "0.3-0.5 keeps the input video's layout and motion).")
+    run = round(denoise * steps)
+    if run < 1:
+        raise InvalidSettingError(
+            f"denoise={denoise} of {steps} steps runs no step (round({denoise} x {steps}) = 0): use at least "
+            f"{1 / steps + 1e-9:.2f}, or more steps where the variant allows them.")
+    return sigmas[steps - run:], timesteps[steps - run:]
+
+
 def sigma_to_timestep(sigma: torch.Tensor, model_sigmas: torch.Tensor) -> torch.Tensor:
     """Continuous timestep for a sigma, interpolating in log-sigma (k-diffusion DiscreteSchedule.sigma_to_t)."""
     log_sigmas = model_sigmas.log().to(sigma.device)

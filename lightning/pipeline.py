@@ -22,7 +22,7 @@ from ..core.model_handle import Component, LocalMemory, MemoryPolicy, ModelHandl
 from ..core.prompt import embedding_names, encode_weighted, join_contexts, match_lengths  # noqa: F401
 from ..core.sampler_table import SAMPLERS
 from ..core.sampling import StepCallback, seeded_noise
-from ..core.schedules import canonical_spacing, discrete_sigmas, sigmas_for_steps
+from ..core.schedules import canonical_spacing, discrete_sigmas, schedule_tail, sigmas_for_steps
 from ..core.vae import decode_latents
 from . import variants as V
 from .motion_module import (MotionModuleInfo, adapter_config, inspect_motion_module, motion_attention_key_projections,  # noqa: F401
@@ -217,6 +217,8 @@ class GenerationRequest:
     cfg: float = 1.0
     scheduler: str = "trailing"
     motion_scale: float = 1.0
+    init_latents: Optional[torch.Tensor] = None  # [F or 1, 4, h, w] in the UNet's latent space (video-to-video)
+    denoise: float = 1.0  # with init_latents: run the last round(denoise * steps) of the trained steps
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
         if value < 64 or value % 8:
             raise InvalidSettingError(f"{name}={value}: must be a multiple of 8 and at least 64 "
                                       f"({model.variant.resolution} is native).")
+    _check_init(request)
     low, high = MOTION_SCALE_RANGE
     if not low <= request.motion_scale <= high:
         raise InvalidSettingError(f"motion_scale={request.motion_scale}: use {low}-{high} (1.0 = as trained).")
@@ -258,6 +261,35 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
         log.warning("%s", note)
         checked = V.CheckedSettings(checked.settings, (*checked.notes, note))
     return checked
+
+
+def _check_init(request: GenerationRequest) -> None:
+    if request.denoise != 1.0 and request.init_latents is None:
+        raise InvalidSettingError(f"denoise={request.denoise} needs input frames (init_images or latent): without "
+                                  "them there is nothing to keep; use denoise 1 for text-to-animation.")
+    if request.init_latents is None:
+        return
+    frames, channels, h, w = request.init_latents.shape
+    if channels != 4 or (h, w) != (request.height // 8, request.width // 8) or frames not in (1, request.frames):
+        raise InvalidSettingError(
+            f"The input is {frames} frames of {w * 8}x{h * 8} ({channels}-channel latents), but the sampler is set to "
+            f"{request.frames} frames of {request.width}x{request.height}: set frames to {frames} (or 1 input "
+            f"image for image-to-animation) and the size to {w * 8}x{h * 8}, or resize the input.")
+
+
+def encode_frames(model: LightningModel, images: torch.Tensor, memory: Optional[MemoryPolicy] = None) -> torch.Tensor:
+    """IMAGE frames [F, H, W, 3] in 0..1 -> the VAE's latents [F, 4, H/8, W/8] in the UNet's space (the mean of
+    the encoder's distribution, as ComfyUI's VAE Encode takes it), a chunk of frames at a time."""
+    vae = model.handle["vae"]
+    (memory or LocalMemory(model.handle)).prepare([vae], vae_working_bytes(min(len(images), DECODE_CHUNK),
+                                                                          images.shape[1], images.shape[2],
+                                                                          vae.dtype or model.dtype))
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(images), DECODE_CHUNK):
+            pixels = images[start:start + DECODE_CHUNK].permute(0, 3, 1, 2).to(vae.load_device, vae.dtype) * 2 - 1
+            parts.append(model.vae.encode(pixels).latent_dist.mean.float().cpu() * model.scaling_factor)
+    return torch.cat(parts)
 
 
 def unet_working_bytes(frames: int, height: int, width: int, dtype: torch.dtype, guided: bool) -> int:
@@ -281,14 +313,23 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     checked = validate_request(model, request)
     settings = checked.settings
     memory = memory or LocalMemory(model.handle)
-    sigmas, _ = sigmas_for_steps(model.model_sigmas, settings.scheduler, settings.steps)
+    sigmas, timesteps = sigmas_for_steps(model.model_sigmas, settings.scheduler, settings.steps)
+    notes = list(checked.notes)
+    if request.init_latents is not None:
+        sigmas_run, timesteps_run = schedule_tail(sigmas[:-1], timesteps, request.denoise)
+        sigmas = torch.cat([sigmas_run, sigmas[-1:]])
+        notes.append(f"denoise {request.denoise:g}: ran timesteps {', '.join(map(str, timesteps_run))} of the "
+                     f"trained {', '.join(map(str, timesteps))} ({model.variant.label})")
+    steps_run = len(sigmas) - 1
     decode_chunks = -(-request.frames // DECODE_CHUNK)
-    total = settings.steps + decode_chunks
+    total = steps_run + decode_chunks
     memory.prepare([model.handle["text_encoder"]])
     denoiser = _make_denoiser(model, request, settings, progress=(lambda done, _n: progress(done, total))
-                              if progress else None)
+                              if progress else None, expected_calls=steps_run)
     noise = seeded_noise((1, 4, request.frames, request.height // 8, request.width // 8), request.seed)
-    x = initial_latent(noise, sigmas[0], denoiser.parameterization).to(model.device)
+    init = None if request.init_latents is None else request.init_latents.expand(
+        request.frames, -1, -1, -1).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 4, F, h, w]; one image: every frame
+    x = initial_latent(noise, sigmas[0], denoiser.parameterization, init=init).to(model.device)
     memory.prepare([model.handle["unet"]], unet_working_bytes(request.frames, request.height, request.width,
                                                               model.dtype, denoiser.guided))
     with motion_scale(model.unet, request.motion_scale):
@@ -300,15 +341,15 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     vae = model.handle["vae"]
     memory.prepare([vae], vae_working_bytes(min(request.frames, DECODE_CHUNK), request.height, request.width,
                                             vae.dtype or model.dtype))
-    decode_cb = (lambda done, _n: progress(settings.steps + -(-done // DECODE_CHUNK), total)) if progress else None
+    decode_cb = (lambda done, _n: progress(steps_run + -(-done // DECODE_CHUNK), total)) if progress else None
     frames = decode_latents(model.vae, frames_latents, model.scaling_factor, chunk=DECODE_CHUNK, progress=decode_cb,
                             device=vae.load_device, source=f"the VAE of {model.checkpoint_name}")
-    return GenerationResult(frames=frames, settings=settings, notes=checked.notes, denoiser_calls=denoiser.calls,
+    return GenerationResult(frames=frames, settings=settings, notes=tuple(notes), denoiser_calls=denoiser.calls,
                             model_forwards=denoiser.forwards, latents=frames_latents.float().cpu())
 
 
 def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: V.SamplingSettings,
-                   progress: Optional[ProgressFn]) -> Denoiser:
+                   progress: Optional[ProgressFn], expected_calls: int) -> Denoiser:
     """The motion UNet as an epsilon-prediction denoiser; frames ride in the batch, so each prompt's
     context is repeated per frame (diffusers UNetMotionModel takes [batch * frames, tokens, dim])."""
     frames = request.frames
@@ -324,5 +365,5 @@ def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: 
     return Denoiser(
         forward=forward, parameterization=epsilon_prediction(model.model_sigmas), positive=encode(request.prompt),
         negative=lambda: encode(request.negative), cfg=settings.cfg, join=join_contexts,
-        model_dtype=model.dtype, progress=progress, expected_calls=settings.steps,
+        model_dtype=model.dtype, progress=progress, expected_calls=expected_calls,
     )

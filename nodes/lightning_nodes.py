@@ -20,11 +20,31 @@ def _load(ckpt_name, motion_model, variant, policy) -> NodeResult:
     return NodeResult((model,))
 
 
-def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale) -> NodeResult:
+def _init_latents(model, init_images, latent):
+    """The input of a video-to-video / image-to-animation run in the UNet's latent space, or None."""
+    from ..core.errors import InvalidSettingError
+    from ..lightning.pipeline import encode_frames
+
+    if init_images is not None and latent is not None:
+        raise InvalidSettingError("Both init_images and latent are connected: connect one of them.")
+    if latent is not None:
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if samples is None or samples.ndim != 4:
+            raise InvalidSettingError(f"The latent is not an SD1.5 LATENT of frames ([frames, 4, h, w]), got "
+                                      f"{None if samples is None else tuple(samples.shape)}.")
+        return samples.float() * model.scaling_factor  # ComfyUI's LATENT holds the VAE's own latents
+    if init_images is not None:
+        return encode_frames(model, init_images, memory=_comfy.memory_for(model.handle))
+    return None
+
+
+def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale,
+            denoise=1.0, init_images=None, latent=None) -> NodeResult:
     from ..lightning.pipeline import GenerationRequest, generate
 
     request = GenerationRequest(prompt=prompt, negative=negative, seed=seed, frames=frames, width=width, height=height,
-                                steps=steps, cfg=cfg, scheduler=scheduler, motion_scale=motion_scale)
+                                steps=steps, cfg=cfg, scheduler=scheduler, motion_scale=motion_scale,
+                                init_latents=_init_latents(model, init_images, latent), denoise=denoise)
     progress = _comfy.progress_reporter(steps, latent_format="SD15")
     result = generate(model, request, progress=progress, memory=_comfy.memory_for(model.handle),
                       preview=progress.preview)
@@ -35,14 +55,14 @@ def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, sc
     return NodeResult((result.frames, latent), {"flipbook_notes": notes} if notes else None)
 
 
-def _check_sample(cls, prompt=None, negative=None, cfg=None, motion_scale=None):
+def _check_sample(cls, prompt=None, negative=None, cfg=None, motion_scale=None, denoise=None):
     """When queued, before any node runs: NaN/inf numbers (they pass every min/max comparison) and prompt
     weights such as (fox:nan). ComfyUI skips its own type/range checks for inputs a validator names, so
     they are repeated here. Values arriving through links are checked at run time instead."""
     from ..core.errors import InvalidSettingError
     from ..core.prompt import parse_weights
 
-    problems = [problem for name, value in (("cfg", cfg), ("motion_scale", motion_scale))
+    problems = [problem for name, value in (("cfg", cfg), ("motion_scale", motion_scale), ("denoise", denoise))
                 if (problem := number_problem(name, value, option(SAMPLER, name, "min"), option(SAMPLER, name, "max")))]
     for name, text in (("prompt", prompt), ("negative", negative)):
         if text is not None and not isinstance(text, str):
@@ -107,6 +127,15 @@ SAMPLER = NodeSpec(
               choices=lambda: ["trailing", "leading", "linspace", "sgm_uniform", "simple"]),
         Param("motion_scale", "FLOAT", "Temporal attention scale: 0.8-0.9 calmer, 1.1-1.2 livelier.",
               {"default": 1.0, "min": 0.5, "max": 1.5, "step": 0.05}),
+        Param("denoise", "FLOAT", "With init_images or latent: how much to change them. 0.3-0.5 keeps the video's "
+              "layout and motion (video-to-video); 1 = from pure noise. Runs the last denoise x steps of the "
+              "variant's own timesteps (the node says which), never a schedule it was not trained on.",
+              {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.05}, optional=True),
+        Param("init_images", "IMAGE", "Optional: frames to restyle (Flipbook Load Video, core Load Image...). One "
+              "image is repeated over every frame: image-to-animation (8-step variant recommended).",
+              optional=True),
+        Param("latent", "LATENT", "Optional: a LATENT of frames instead of init_images (e.g. from VAE Encode).",
+              optional=True),
     ),
     outputs=(("IMAGE", "frames"), ("LATENT", "latent")),
     run=_sample,

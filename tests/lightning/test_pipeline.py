@@ -252,3 +252,53 @@ def test_latents_decode_to_the_frames_through_diffusers_vae(lightning_model):
         decoded = lightning_model.vae.decode(comfy_latent).sample
     torch.testing.assert_close(((decoded + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1), result.frames, atol=1e-5,
                                rtol=1e-5)
+
+
+def _timesteps_seen(model, request):
+    seen = []
+    hook = model.unet.register_forward_pre_hook(lambda module, args: seen.append(float(args[1].reshape(-1)[0])))
+    try:
+        result = P.generate(model, request)
+    finally:
+        hook.remove()
+    return seen, result
+
+
+def test_video_to_video_runs_the_tail_of_the_trained_timesteps(lightning_model):
+    base = dict(prompt="a fox", seed=2, frames=4, width=64, height=64, steps=4)
+    source = P.generate(lightning_model, P.GenerationRequest(**base))
+    init = P.encode_frames(lightning_model, source.frames)
+    assert init.shape == (4, 4, 8, 8)
+    for denoise, expected in ((0.5, [499, 249]), (0.3, [249]), (0.75, [749, 499, 249]), (1.0, [999, 749, 499, 249])):
+        seen, result = _timesteps_seen(lightning_model, P.GenerationRequest(**base, init_latents=init, denoise=denoise))
+        assert [round(t) for t in seen] == expected and result.denoiser_calls == len(expected)
+        assert f"ran timesteps {', '.join(map(str, expected))} of the trained 999, 749, 499, 249" in " ".join(
+            result.notes)
+    # one image: image-to-animation (the image's latent on every frame, noised)
+    seen, result = _timesteps_seen(lightning_model, P.GenerationRequest(**base, init_latents=init[:1], denoise=0.5))
+    assert result.frames.shape == (4, 64, 64, 3)
+
+
+def test_partial_denoise_starts_from_the_noised_input():
+    from flipbook_pack.core import denoisers, schedules
+
+    init, noise = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 4, 2, 3, 3)
+    eps = denoisers.epsilon_prediction(schedules.discrete_sigmas("linear", 0.00085, 0.012))
+    torch.testing.assert_close(denoisers.initial_latent(noise, torch.tensor(2.0), eps, init=init), init + 2.0 * noise)
+    flow = denoisers.flow_prediction()
+    torch.testing.assert_close(denoisers.initial_latent(noise, torch.tensor(0.4), flow, init=init),
+                               0.6 * init + 0.4 * noise)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(denoise=0.5), "needs input frames"),
+    (dict(denoise=0.1, init_latents=torch.zeros(4, 4, 8, 8)), "runs no step"),
+    (dict(denoise=0.0, init_latents=torch.zeros(4, 4, 8, 8)), "above 0"),
+    (dict(denoise=1.5, init_latents=torch.zeros(4, 4, 8, 8)), "at most 1"),
+    (dict(init_latents=torch.zeros(3, 4, 8, 8)), "set frames to 3"),
+    (dict(init_latents=torch.zeros(4, 4, 16, 8)), "the size to 64x128"),
+])
+def test_bad_video_to_video_inputs_are_typed_errors(lightning_model, overrides, words):
+    request = P.GenerationRequest(prompt="a fox", frames=4, width=64, height=64, steps=4, **overrides)
+    with pytest.raises(InvalidSettingError, match=words):
+        P.generate(lightning_model, request)

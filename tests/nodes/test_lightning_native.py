@@ -1,0 +1,35 @@
+"""nodes/lightning_nodes.py with ComfyUI's native types: the sampler's LATENT feeds it back (video-to-video from a
+LATENT equals the same run from the decoded IMAGE's latents), init_images restyle frames on the trained timesteps,
+and the node says which timesteps it ran."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flipbook_pack import NODE_CLASS_MAPPINGS
+from flipbook_pack.core.errors import InvalidSettingError
+from flipbook_pack.lightning import pipeline as P
+
+
+def _inputs(model, **overrides):
+    base = dict(model=model, prompt="a fox", negative="", seed=1, frames=4, width=64, height=64, steps=4, cfg=1.0,
+                scheduler="sgm_uniform", motion_scale=1.0)
+    return {**base, **overrides}
+
+
+def test_latent_and_images_in_restyle_on_the_trained_timesteps(lightning_model):
+    sampler = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]()
+    frames, latent = sampler.execute(**_inputs(lightning_model))
+    out = sampler.execute(**_inputs(lightning_model, seed=2, denoise=0.5, latent=latent))
+    (restyled, _), notes = out["result"], out["ui"]["flipbook_notes"]
+    assert any("ran timesteps 499, 249 of the trained 999, 749, 499, 249" in n for n in notes)
+    # the LATENT path and the IMAGE path start from the same latents: LATENT = VAE latents / scaling factor
+    torch.testing.assert_close(latent["samples"] * lightning_model.scaling_factor,
+                               P.generate(lightning_model, P.GenerationRequest(prompt="a fox", seed=1, frames=4,
+                                                                               width=64, height=64)).latents)
+    from_images = sampler.execute(**_inputs(lightning_model, seed=2, denoise=0.5, init_images=frames))["result"][0]
+    assert from_images.shape == restyled.shape == (4, 64, 64, 3)
+    with pytest.raises(InvalidSettingError, match="connect one of them"):
+        sampler.execute(**_inputs(lightning_model, denoise=0.5, init_images=frames, latent=latent))
+    with pytest.raises(InvalidSettingError, match="not an SD1.5 LATENT"):
+        sampler.execute(**_inputs(lightning_model, denoise=0.5, latent={"samples": torch.zeros(1, 16, 2, 8, 8)}))
