@@ -155,42 +155,38 @@ def _check_sample(cls, steps=None, cfg=None, shift=None, frames=None, width=None
 
 _DOWNLOADS = "Comfy-Org/Wan_2.1_ComfyUI_repackaged on Hugging Face"
 
-MODEL_LOADER = NodeSpec(
-    node_id="FlipbookWanModelLoader",
-    display_name="Flipbook Wan 2.1 T2V Model Loader",
-    category=CATEGORY,
-    description="Loads a Wan 2.1 text-to-video transformer (14B or 1.3B) from models/diffusion_models in any "
-                "precision: bf16, fp16, fp8_e4m3fn, fp8_e5m2 (kept fp8 in memory) or fp8_scaled (with its scales).",
-    inputs=(Param("model_name", "COMBO", "e.g. wan2.1_t2v_14B_fp8_e4m3fn.safetensors or _fp8_scaled (about 14 GB "
-                  f"of VRAM), _bf16 (28 GB); from {_DOWNLOADS}. I2V, VACE and Wan 2.2 files are refused by name.",
-                  choices=lambda: _comfy.model_names("diffusion_models")),),
-    outputs=((MODEL_TYPE, "wan_model"),),
-    run=_load_model,
-)
+def _file_loader(node_id: str, display_name: str, description: str, folder: str, input_name: str, tooltip: str,
+                 output: tuple[str, str], run) -> NodeSpec:
+    """A loader node: one file from one of ComfyUI's model folders."""
+    return NodeSpec(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                    inputs=(Param(input_name, "COMBO", tooltip, choices=lambda: _comfy.model_names(folder)),),
+                    outputs=(output,), run=run)
 
-TEXT_ENCODER_LOADER = NodeSpec(
-    node_id="FlipbookWanTextEncoderLoader",
-    display_name="Flipbook Wan umt5 Text Encoder Loader",
-    category=CATEGORY,
-    description="Loads umt5-xxl from models/text_encoders with the tokenizer embedded in the file; computes in "
-                "bf16 or fp32 (never fp16/fp8, where T5 overflows).",
-    inputs=(Param("text_encoder_name", "COMBO", "umt5_xxl_fp8_e4m3fn_scaled.safetensors or umt5_xxl_fp16.safetensors "
-                  f"from {_DOWNLOADS} (split_files/text_encoders). CLIP and Flux/SD3 T5 files are refused.",
-                  choices=lambda: _comfy.model_names("text_encoders")),),
-    outputs=((TEXT_ENCODER_TYPE, "text_encoder"),),
-    run=_load_text_encoder,
-)
 
-VAE_LOADER = NodeSpec(
-    node_id="FlipbookWanVAELoader",
-    display_name="Flipbook Wan 2.1 VAE Loader",
-    category=CATEGORY,
-    description="Loads the Wan 2.1 video VAE (wan_2.1_vae.safetensors) from models/vae.",
-    inputs=(Param("vae_name", "COMBO", f"wan_2.1_vae.safetensors from {_DOWNLOADS} (split_files/vae). The Wan 2.2 "
-                  "VAE and image VAEs are refused.", choices=lambda: _comfy.model_names("vae")),),
-    outputs=((VAE_TYPE, "vae"),),
-    run=_load_vae,
-)
+MODEL_LOADER = _file_loader(
+    "FlipbookWanModelLoader", "Flipbook Wan 2.1 T2V Model Loader",
+    "Loads a Wan 2.1 text-to-video transformer (14B or 1.3B) from models/diffusion_models in any precision: bf16, "
+    "fp16, fp8_e4m3fn, fp8_e5m2 (kept fp8 in memory) or fp8_scaled (with its scales).",
+    "diffusion_models", "model_name",
+    f"e.g. wan2.1_t2v_14B_fp8_e4m3fn.safetensors or _fp8_scaled (about 14 GB of VRAM), _bf16 (28 GB); from "
+    f"{_DOWNLOADS}. I2V, VACE and Wan 2.2 files are refused by name.",
+    (MODEL_TYPE, "wan_model"), _load_model)
+
+TEXT_ENCODER_LOADER = _file_loader(
+    "FlipbookWanTextEncoderLoader", "Flipbook Wan umt5 Text Encoder Loader",
+    "Loads umt5-xxl from models/text_encoders with the tokenizer embedded in the file; computes in bf16 or fp32 "
+    "(never fp16/fp8, where T5 overflows).",
+    "text_encoders", "text_encoder_name",
+    f"umt5_xxl_fp8_e4m3fn_scaled.safetensors or umt5_xxl_fp16.safetensors from {_DOWNLOADS} "
+    "(split_files/text_encoders). CLIP and Flux/SD3 T5 files are refused.",
+    (TEXT_ENCODER_TYPE, "text_encoder"), _load_text_encoder)
+
+VAE_LOADER = _file_loader(
+    "FlipbookWanVAELoader", "Flipbook Wan 2.1 VAE Loader",
+    "Loads the Wan 2.1 video VAE (wan_2.1_vae.safetensors) from models/vae.",
+    "vae", "vae_name",
+    f"wan_2.1_vae.safetensors from {_DOWNLOADS} (split_files/vae). The Wan 2.2 VAE and image VAEs are refused.",
+    (VAE_TYPE, "vae"), _load_vae)
 
 TEXT_ENCODE = NodeSpec(
     node_id="FlipbookWanTextEncode",

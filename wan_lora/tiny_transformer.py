@@ -134,3 +134,27 @@ def write_tiny_wan(path: Path, *, storage: str = "bf16", prefix: str = "", sizes
         return write_safetensors({prefix + k: v for k, v in tensors.items()}, path, dtype=_FLOAT[storage])
     save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or None)
     return path
+
+
+def load_on_cpu(path: Path, dtype: torch.dtype = torch.float32):
+    """The transformer Component of a (tiny) file, read through the real loader onto the CPU."""
+    from .transformer import inspect_wan_transformer, transformer_component
+
+    cpu = torch.device("cpu")
+    component = transformer_component(inspect_wan_transformer(path), load_device=cpu, offload_device=cpu, dtype=dtype)
+    component.materialize()
+    return component
+
+
+def denoised_once(module: torch.nn.Module, seed: int = 0, text_dim: int = 32) -> torch.Tensor:
+    """D(x, sigma 0.8) on fixed noise and a 7-token prompt: the quantity storage, format and LoRA comparisons use."""
+    from ..core import denoisers
+    from .conditioning import WanContext, wan_forward
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 2, 8, 8, generator=generator)
+    context = torch.zeros(1, 512, text_dim)
+    context[:, :7] = torch.randn(1, 7, text_dim, generator=generator)
+    denoiser = denoisers.Denoiser(forward=wan_forward(module), parameterization=denoisers.flow_prediction(),
+                                  positive=WanContext.of(context, nag=False))
+    return denoiser(x, torch.tensor(0.8))

@@ -6,14 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flipbook_pack.core import denoisers
 from flipbook_pack.core.errors import IncompatibleModelsError, UnsupportedCheckpointError
 from flipbook_pack.wan_lora import tiny_loras as L
 from flipbook_pack.wan_lora import tiny_transformer as T
-from flipbook_pack.wan_lora.conditioning import WanContext, wan_forward
 from flipbook_pack.wan_lora.lora_apply import apply_lora_stack
 from flipbook_pack.wan_lora.loras import read_wan_lora
-from flipbook_pack.wan_lora.transformer import inspect_wan_transformer, transformer_component
+from flipbook_pack.wan_lora.transformer import inspect_wan_transformer
 
 CPU = torch.device("cpu")
 EXPECTED = {  # counted kind -> patches, for the tiny model's 2 blocks
@@ -25,28 +23,15 @@ EXPECTED = {  # counted kind -> patches, for the tiny model's 2 blocks
 }
 
 
-def _component(path, dtype=torch.float32):
-    component = transformer_component(inspect_wan_transformer(path), load_device=CPU, offload_device=CPU,
-                                      dtype=dtype)
-    component.materialize()
-    return component
 
 
-def _denoised(module, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 8, 8, generator=generator)
-    context = torch.zeros(1, 512, 32)
-    context[:, :7] = torch.randn(1, 7, 32, generator=generator)
-    denoiser = denoisers.Denoiser(forward=wan_forward(module), parameterization=denoisers.flow_prediction(),
-                                  positive=WanContext.of(context, nag=False))
-    return denoiser(x, torch.tensor(0.8))
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wan")
     path = T.write_tiny_wan(folder / "wan2.1_t2v_tiny.safetensors", storage="fp32")
-    return path, _component(path)
+    return path, T.load_on_cpu(path)
 
 
 def _hand_merged(tmp_path, plain_loras, storage="fp32"):
@@ -55,7 +40,7 @@ def _hand_merged(tmp_path, plain_loras, storage="fp32"):
     merged = L.merged_by_hand(plain_loras)
     path = tmp_path / "merged.safetensors"
     save_file({k: v.contiguous() for k, v in merged.items()}, str(path))
-    return _component(path)
+    return T.load_on_cpu(path)
 
 
 @pytest.mark.parametrize("fmt", L.FORMATS)
@@ -67,12 +52,12 @@ def test_each_format_equals_a_checkpoint_merged_by_hand(base, tmp_path, fmt):
     assert len(lora.report.expected_unmatched) == (10 if fmt == "i2v" else 0)  # keys: 2 x (k_img, v_img pairs + norm)
     apply_lora_stack(component, [(lora, 0.7)])
     try:
-        ours = _denoised(component.module)
+        ours = T.denoised_once(component.module)
     finally:
         apply_lora_stack(component, [])
-    reference = _denoised(_hand_merged(tmp_path, [(plain, 0.7)]).module)
+    reference = T.denoised_once(_hand_merged(tmp_path, [(plain, 0.7)]).module)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
-    assert (ours - _denoised(component.module)).abs().max() > 1e-3  # the LoRA did something
+    assert (ours - T.denoised_once(component.module)).abs().max() > 1e-3  # the LoRA did something
 
 
 def test_a_stack_swaps_and_swaps_back_bit_for_bit(base, tmp_path):
@@ -82,21 +67,21 @@ def test_a_stack_swaps_and_swaps_back_bit_for_bit(base, tmp_path):
     distill_path, distill = L.write_tiny_lora(tmp_path / "lightx2v.safetensors", fmt="lightx2v", seed=3)
     style_lora = read_wan_lora(style_path, layout=layout, model_name=path.name)
     distill_lora = read_wan_lora(distill_path, layout=layout, model_name=path.name)
-    original = _denoised(component.module)
+    original = T.denoised_once(component.module)
     apply_lora_stack(component, [(style_lora, 1.0), (distill_lora, 0.9)])
-    both = _denoised(component.module)
-    torch.testing.assert_close(both, _denoised(_hand_merged(tmp_path, [(style, 1.0), (distill, 0.9)]).module),
+    both = T.denoised_once(component.module)
+    torch.testing.assert_close(both, T.denoised_once(_hand_merged(tmp_path, [(style, 1.0), (distill, 0.9)]).module),
                                atol=1e-5, rtol=1e-5)
     apply_lora_stack(component, [(style_lora, 0.5)])  # a strength change re-patches from the kept originals
-    half = _denoised(component.module)
+    half = T.denoised_once(component.module)
     apply_lora_stack(component, [])
-    assert torch.equal(_denoised(component.module), original)
+    assert torch.equal(T.denoised_once(component.module), original)
     apply_lora_stack(component, [(style_lora, 1.0), (distill_lora, 0.9)])
-    assert torch.equal(_denoised(component.module), both)
+    assert torch.equal(T.denoised_once(component.module), both)
     apply_lora_stack(component, [(style_lora, 0.5)])
-    assert torch.equal(_denoised(component.module), half)
+    assert torch.equal(T.denoised_once(component.module), half)
     apply_lora_stack(component, [])
-    assert torch.equal(_denoised(component.module), original)
+    assert torch.equal(T.denoised_once(component.module), original)
     assert style_lora.report.distill is False and distill_lora.report.distill is True
 
 
@@ -104,17 +89,17 @@ def test_fp8_base_keeps_its_weights_and_equals_the_dequantized_merge(tmp_path):
     from safetensors.torch import load_file, save_file
 
     path = T.write_tiny_wan(tmp_path / "wan_fp8_scaled.safetensors", storage="fp8_scaled")
-    component = _component(path)
+    component = T.load_on_cpu(path)
     weights_before = {n: p.clone() for n, p in component.module.named_parameters()}
     lora_path, plain = L.write_tiny_lora(tmp_path / "style.safetensors", fmt="comfy")
     lora = read_wan_lora(lora_path, layout=inspect_wan_transformer(path), model_name=path.name)
     apply_lora_stack(component, [(lora, 1.0)])
-    ours = _denoised(component.module)
+    ours = T.denoised_once(component.module)
     merged = T.dequantized_state(load_file(str(path)))
     for name, patch in plain.items():
         merged[name] = merged[name] + patch[3] * (patch[1] @ patch[2])
     save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp_path / "merged.safetensors"))
-    torch.testing.assert_close(ours, _denoised(_component(tmp_path / "merged.safetensors").module),
+    torch.testing.assert_close(ours, T.denoised_once(T.load_on_cpu(tmp_path / "merged.safetensors").module),
                                atol=1e-5, rtol=1e-5)
     assert all(torch.equal(p, weights_before[n]) for n, p in component.module.named_parameters())
 
@@ -190,7 +175,7 @@ def test_a_failure_part_way_leaves_the_base_untouched(base, tmp_path, monkeypatc
     from flipbook_pack.wan_lora import lora_apply
 
     path, component = base
-    original = _denoised(component.module)
+    original = T.denoised_once(component.module)
     lora_path, _ = L.write_tiny_lora(tmp_path / "lightx2v.safetensors", fmt="lightx2v")
     lora = read_wan_lora(lora_path, layout=inspect_wan_transformer(path), model_name=path.name)
     real, calls = lora_apply._merge_in_place, []
@@ -205,10 +190,10 @@ def test_a_failure_part_way_leaves_the_base_untouched(base, tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="simulated"):
         apply_lora_stack(component, [(lora, 1.0)])
     monkeypatch.setattr(lora_apply, "_merge_in_place", real)
-    assert torch.equal(_denoised(component.module), original)
+    assert torch.equal(T.denoised_once(component.module), original)
     apply_lora_stack(component, [(lora, 1.0)])
     apply_lora_stack(component, [])
-    assert torch.equal(_denoised(component.module), original)
+    assert torch.equal(T.denoised_once(component.module), original)
 
 
 def test_diffs_on_fp8_weights_param_diffs_adapter_alpha_and_strength_zero(tmp_path):
@@ -216,8 +201,8 @@ def test_diffs_on_fp8_weights_param_diffs_adapter_alpha_and_strength_zero(tmp_pa
 
     path = T.write_tiny_wan(tmp_path / "wan_fp8_scaled.safetensors", storage="fp8_scaled")
     layout = inspect_wan_transformer(path)
-    component = _component(path)
-    original = _denoised(component.module)
+    component = T.load_on_cpu(path)
+    original = T.denoised_once(component.module)
     generator = torch.Generator().manual_seed(4)
     diff = torch.randn(128, 128, generator=generator) * 0.01
     modulation = torch.randn(1, 6, 128, generator=generator) * 0.01
@@ -228,12 +213,12 @@ def test_diffs_on_fp8_weights_param_diffs_adapter_alpha_and_strength_zero(tmp_pa
     merged = T.dequantized_state(load_file(str(path)))
     merged["blocks.0.self_attn.q.weight"] = merged["blocks.0.self_attn.q.weight"] + diff
     merged["blocks.1.modulation"] = merged["blocks.1.modulation"] + modulation
-    torch.testing.assert_close(_denoised(component.module),
-                               _denoised(_component(_save(tmp_path / "m.safetensors", merged)).module),
+    torch.testing.assert_close(T.denoised_once(component.module),
+                               T.denoised_once(T.load_on_cpu(_save(tmp_path / "m.safetensors", merged)).module),
                                atol=1e-5, rtol=1e-5)
     setter = _save(tmp_path / "set.safetensors", {"diffusion_model.blocks.0.norm3.set_weight": torch.zeros(128)})
     apply_lora_stack(component, [(read_wan_lora(setter, layout=layout, model_name=path.name), 0.0)])
-    assert torch.equal(_denoised(component.module), original)  # strength 0 is off, set_weight included
+    assert torch.equal(T.denoised_once(component.module), original)  # strength 0 is off, set_weight included
 
     diffusers_path, plain = L.write_tiny_lora(tmp_path / "d.safetensors", fmt="diffusers")
     with_alpha = _save(tmp_path / "d_alpha.safetensors", load_file(str(diffusers_path)),

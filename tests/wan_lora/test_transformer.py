@@ -6,19 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flipbook_pack.core import denoisers
 from flipbook_pack.core.errors import CorruptFileError, UnsupportedCheckpointError
 from flipbook_pack.wan_lora import tiny_transformer as T
-from flipbook_pack.wan_lora.conditioning import WanContext, wan_forward
-from flipbook_pack.wan_lora.transformer import inspect_wan_transformer, transformer_component
+from flipbook_pack.wan_lora.transformer import inspect_wan_transformer
 
 CPU = torch.device("cpu")
 
 
-def _load(path, dtype=torch.float32):
-    component = transformer_component(inspect_wan_transformer(path), load_device=CPU, offload_device=CPU, dtype=dtype)
-    component.materialize()
-    return component
 
 
 def _reference(state):
@@ -31,14 +25,6 @@ def _reference(state):
     return model
 
 
-def _denoised(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 8, 8, generator=generator)
-    context = torch.zeros(1, 512, 32)
-    context[:, :7] = torch.randn(1, 7, 32, generator=generator)
-    denoiser = denoisers.Denoiser(forward=wan_forward(model), parameterization=denoisers.flow_prediction(),
-                                  positive=WanContext.of(context, nag=False))
-    return denoiser(x, torch.tensor(0.8))
 
 
 def test_original_names_are_what_diffusers_converter_maps():
@@ -57,11 +43,11 @@ def test_every_storage_equals_diffusers_with_the_real_weights(tmp_path, storage)
     layout = inspect_wan_transformer(path)
     assert layout.storage == ("fp8_scaled" if storage.startswith("fp8_scaled") else storage)
     assert (layout.config["num_attention_heads"], layout.config["num_layers"], layout.text_dim) == (1, 2, 32)
-    component = _load(path)
+    component = T.load_on_cpu(path)
     from safetensors.torch import load_file
 
     real = T.dequantized_state(load_file(str(path)))  # the file's values times their scales, in float32
-    torch.testing.assert_close(_denoised(component.module), _denoised(_reference(real)), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(T.denoised_once(component.module), T.denoised_once(_reference(real)), atol=2e-5, rtol=1e-4)
     fp8_weights = [p for n, p in component.module.named_parameters() if p.dtype in (torch.float8_e4m3fn,
                                                                                     torch.float8_e5m2)]
     # fp8 files: the 10 Linears of each block stay fp8 (q, k, v, o twice; ffn.0, ffn.2), cast per layer at forward
@@ -69,24 +55,24 @@ def test_every_storage_equals_diffusers_with_the_real_weights(tmp_path, storage)
 
 
 def test_fp8_is_within_fp8_tolerance_of_the_bf16_file(tmp_path):
-    bf16 = _denoised(_load(T.write_tiny_wan(tmp_path / "bf16.safetensors", storage="bf16")).module)
+    bf16 = T.denoised_once(T.load_on_cpu(T.write_tiny_wan(tmp_path / "bf16.safetensors", storage="bf16")).module)
     for storage in ("fp8_e4m3fn", "fp8_scaled", "fp8_scaled_mixed"):
-        fp8 = _denoised(_load(T.write_tiny_wan(tmp_path / f"{storage}.safetensors", storage=storage)).module)
+        fp8 = T.denoised_once(T.load_on_cpu(T.write_tiny_wan(tmp_path / f"{storage}.safetensors", storage=storage)).module)
         relative = (fp8 - bf16).norm() / bf16.norm()
         assert relative < 0.08, (storage, relative)  # e4m3 keeps 3 mantissa bits: ~6% per weight, averaged
 
 
 def test_prefixed_and_bare_files_give_identical_output(tmp_path):
-    bare = _denoised(_load(T.write_tiny_wan(tmp_path / "bare.safetensors")).module)
+    bare = T.denoised_once(T.load_on_cpu(T.write_tiny_wan(tmp_path / "bare.safetensors")).module)
     for prefix in ("model.diffusion_model.", "diffusion_model."):
         path = T.write_tiny_wan(tmp_path / f"{prefix}safetensors", prefix=prefix)
         assert inspect_wan_transformer(path).prefix == prefix
-        assert torch.equal(_denoised(_load(path).module), bare)
+        assert torch.equal(T.denoised_once(T.load_on_cpu(path).module), bare)
 
 
 def test_fp8_storage_takes_half_the_bytes_of_bf16(tmp_path):
-    bf16 = _load(T.write_tiny_wan(tmp_path / "bf16.safetensors", storage="bf16"), dtype=torch.bfloat16)
-    fp8 = _load(T.write_tiny_wan(tmp_path / "fp8.safetensors", storage="fp8_e4m3fn"), dtype=torch.bfloat16)
+    bf16 = T.load_on_cpu(T.write_tiny_wan(tmp_path / "bf16.safetensors", storage="bf16"), dtype=torch.bfloat16)
+    fp8 = T.load_on_cpu(T.write_tiny_wan(tmp_path / "fp8.safetensors", storage="fp8_e4m3fn"), dtype=torch.bfloat16)
     from flipbook_pack.core.model_handle import tensor_bytes
 
     # the blocks are 98% of the 14B model's bytes (the tiny model's RoPE tables and embeddings weigh more)
@@ -192,9 +178,9 @@ def test_per_row_scales_are_applied_at_load(tmp_path):
             continue
         scale = tensors.get(name[: -len(".weight")] + ".scale_weight")
         real[name] = tensor.float() * (scale[:, None] if scale is not None else 1.0)
-    loaded = _load(tmp_path / "rows.safetensors").module
+    loaded = T.load_on_cpu(tmp_path / "rows.safetensors").module
     assert loaded.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
-    torch.testing.assert_close(_denoised(loaded), _denoised(_reference(real)), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(T.denoised_once(loaded), T.denoised_once(_reference(real)), atol=2e-5, rtol=1e-4)
 
 
 def test_devices_without_fp8_get_dequantized_weights(tmp_path, monkeypatch):
@@ -203,5 +189,5 @@ def test_devices_without_fp8_get_dequantized_weights(tmp_path, monkeypatch):
 
     path = T.write_tiny_wan(tmp_path / "fp8.safetensors", storage="fp8_scaled")
     monkeypatch.setattr(W, "device_holds_fp8", lambda device: False)
-    component = _load(path, dtype=torch.float16)
+    component = T.load_on_cpu(path, dtype=torch.float16)
     assert {p.dtype for p in component.module.blocks.parameters()} == {torch.float16}
