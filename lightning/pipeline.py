@@ -219,6 +219,8 @@ class GenerationRequest:
     motion_scale: float = 1.0
     init_latents: Optional[torch.Tensor] = None  # [F or 1, 4, h, w] in the UNet's latent space (video-to-video)
     denoise: float = 1.0  # with init_latents: run the last round(denoise * steps) of the trained steps
+    positive_context: Optional[torch.Tensor] = None  # [1, tokens, 768] from ComfyUI's CLIPTextEncode: replaces prompt
+    negative_context: Optional[torch.Tensor] = None  # likewise for negative
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,7 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
             raise InvalidSettingError(f"{name}={value}: must be a multiple of 8 and at least 64 "
                                       f"({model.variant.resolution} is native).")
     _check_init(request)
+    _check_contexts(model, request)
     low, high = MOTION_SCALE_RANGE
     if not low <= request.motion_scale <= high:
         raise InvalidSettingError(f"motion_scale={request.motion_scale}: use {low}-{high} (1.0 = as trained).")
@@ -275,6 +278,16 @@ def _check_init(request: GenerationRequest) -> None:
             f"The input is {frames} frames of {w * 8}x{h * 8} ({channels}-channel latents), but the sampler is set to "
             f"{request.frames} frames of {request.width}x{request.height}: set frames to {frames} (or 1 input "
             f"image for image-to-animation) and the size to {w * 8}x{h * 8}, or resize the input.")
+
+
+def _check_contexts(model: LightningModel, request: GenerationRequest) -> None:
+    width = model.unet.config.cross_attention_dim
+    for name, context in (("positive", request.positive_context), ("negative", request.negative_context)):
+        if context is not None and (context.ndim != 3 or context.shape[0] != 1 or context.shape[-1] != width):
+            raise InvalidSettingError(
+                f"The {name} CONDITIONING is {tuple(context.shape)}, but {model.checkpoint_name} reads "
+                f"[1, tokens, {width}] (SD1.5's CLIP; SDXL's is 2048 wide, SD2's 1024). Encode the prompt with "
+                "CLIPTextEncode on the CLIP of this SD1.5 checkpoint.")
 
 
 def encode_frames(model: LightningModel, images: torch.Tensor, memory: Optional[MemoryPolicy] = None) -> torch.Tensor:
@@ -355,15 +368,17 @@ def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: 
     frames = request.frames
     text_device = model.handle["text_encoder"].load_device
 
-    def encode(text: str) -> torch.Tensor:
-        context = encode_weighted(model.tokenizer, model.text_encoder, text, text_device)
+    def encode(text: str, given: Optional[torch.Tensor] = None) -> torch.Tensor:
+        context = given if given is not None else encode_weighted(model.tokenizer, model.text_encoder, text,
+                                                                  text_device)
         return context.to(model.device, model.dtype).repeat_interleave(frames, 0)
 
     def forward(model_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return model.unet(model_input, timestep, encoder_hidden_states=context).sample
 
     return Denoiser(
-        forward=forward, parameterization=epsilon_prediction(model.model_sigmas), positive=encode(request.prompt),
-        negative=lambda: encode(request.negative), cfg=settings.cfg, join=join_contexts,
+        forward=forward, parameterization=epsilon_prediction(model.model_sigmas),
+        positive=encode(request.prompt, request.positive_context),
+        negative=lambda: encode(request.negative, request.negative_context), cfg=settings.cfg, join=join_contexts,
         model_dtype=model.dtype, progress=progress, expected_calls=expected_calls,
     )

@@ -38,13 +38,27 @@ def _init_latents(model, init_images, latent):
     return None
 
 
+def _context(conditioning, name: str):
+    """The text embeddings of a ComfyUI CONDITIONING ([[tensor, options], ...]; the first entry), or None."""
+    from ..core.errors import InvalidSettingError
+
+    if conditioning is None:
+        return None
+    if not (isinstance(conditioning, list) and conditioning and isinstance(conditioning[0], (list, tuple))):
+        raise InvalidSettingError(f"{name} is not a CONDITIONING (got {type(conditioning).__name__}); connect "
+                                  "CLIPTextEncode.")
+    return conditioning[0][0]
+
+
 def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale,
-            denoise=1.0, init_images=None, latent=None) -> NodeResult:
+            denoise=1.0, init_images=None, latent=None, positive_cond=None, negative_cond=None) -> NodeResult:
     from ..lightning.pipeline import GenerationRequest, generate
 
     request = GenerationRequest(prompt=prompt, negative=negative, seed=seed, frames=frames, width=width, height=height,
                                 steps=steps, cfg=cfg, scheduler=scheduler, motion_scale=motion_scale,
-                                init_latents=_init_latents(model, init_images, latent), denoise=denoise)
+                                init_latents=_init_latents(model, init_images, latent), denoise=denoise,
+                                positive_context=_context(positive_cond, "positive_cond"),
+                                negative_context=_context(negative_cond, "negative_cond"))
     progress = _comfy.progress_reporter(steps, latent_format="SD15")
     result = generate(model, request, progress=progress, memory=_comfy.memory_for(model.handle),
                       preview=progress.preview)
@@ -135,6 +149,10 @@ SAMPLER = NodeSpec(
               "image is repeated over every frame: image-to-animation (8-step variant recommended).",
               optional=True),
         Param("latent", "LATENT", "Optional: a LATENT of frames instead of init_images (e.g. from VAE Encode).",
+              optional=True),
+        Param("positive_cond", "CONDITIONING", "Optional: the prompt from CLIPTextEncode (embeddings, CLIP skip and "
+              "weighting as ComfyUI does them) instead of the prompt text.", optional=True),
+        Param("negative_cond", "CONDITIONING", "Optional: the negative from CLIPTextEncode (used when cfg > 1).",
               optional=True),
     ),
     outputs=(("IMAGE", "frames"), ("LATENT", "latent")),

@@ -33,3 +33,18 @@ def test_latent_and_images_in_restyle_on_the_trained_timesteps(lightning_model):
         sampler.execute(**_inputs(lightning_model, denoise=0.5, init_images=frames, latent=latent))
     with pytest.raises(InvalidSettingError, match="not an SD1.5 LATENT"):
         sampler.execute(**_inputs(lightning_model, denoise=0.5, latent={"samples": torch.zeros(1, 16, 2, 8, 8)}))
+
+
+def test_conditioning_in_replaces_the_prompt_text(lightning_model):
+    from flipbook_pack.core.prompt import encode_weighted
+
+    sampler = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]()
+    by_text, _ = sampler.execute(**_inputs(lightning_model, prompt="a red fox", cfg=1.5, negative="blurry"))
+    encode = lambda text: encode_weighted(lightning_model.tokenizer, lightning_model.text_encoder, text,  # noqa: E731
+                                          torch.device("cpu"))
+    by_cond, _ = sampler.execute(**_inputs(lightning_model, prompt="ignored", cfg=1.5, negative="ignored too",
+                                           positive_cond=[[encode("a red fox"), {}]],
+                                           negative_cond=[[encode("blurry"), {}]]))
+    assert torch.equal(by_text, by_cond)
+    with pytest.raises(InvalidSettingError, match="SDXL's is 2048 wide"):
+        sampler.execute(**_inputs(lightning_model, positive_cond=[[torch.zeros(1, 77, 2048), {}]]))
