@@ -89,17 +89,19 @@ def sigmas_for_steps(model_sigmas: torch.Tensor, spacing: str, steps: int) -> tu
 
 
 def schedule_tail(sigmas: torch.Tensor, timesteps: np.ndarray, denoise: float) -> tuple[torch.Tensor, np.ndarray]:
-    """The last round(denoise * steps) steps of a schedule: a partial denoise (video-to-video, image-to-animation)
-    that stays on the timesteps a distilled model was trained for instead of a schedule of its own."""
+    """The last floor(denoise * steps) steps of a schedule: a partial denoise (video-to-video, image-to-animation)
+    that stays on the timesteps a distilled model was trained for instead of a schedule of its own (diffusers'
+    AnimateDiffVideoToVideoPipeline.get_timesteps: int(steps * strength); ComfyUI's KSampler denoise instead
+    builds int(steps / denoise) steps, off the trained grid)."""
     steps = len(timesteps)
     if not (0.0 < denoise <= 1.0):
         raise InvalidSettingError(f"denoise={denoise}: use a number above 0 and at most 1 (1 = from pure noise; "
                                   "0.3-0.5 keeps the input video's layout and motion).")
-    run = round(denoise * steps)
+    run = int(denoise * steps + 1e-9)  # 0.5 x 4 is 2 even where the float product is 1.9999...
     if run < 1:
         raise InvalidSettingError(
-            f"denoise={denoise} of {steps} steps runs no step (round({denoise} x {steps}) = 0): use at least "
-            f"{1 / steps + 1e-9:.2f}, or more steps where the variant allows them.")
+            f"denoise={denoise} of {steps} steps runs no step (floor({denoise} x {steps}) = 0): use at least "
+            f"{1 / steps:.3g}, or the 8-step variant for finer steps.")
     return sigmas[steps - run:], timesteps[steps - run:]
 
 

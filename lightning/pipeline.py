@@ -218,7 +218,7 @@ class GenerationRequest:
     scheduler: str = "trailing"
     motion_scale: float = 1.0
     init_latents: Optional[torch.Tensor] = None  # [F or 1, 4, h, w] in the UNet's latent space (video-to-video)
-    denoise: float = 1.0  # with init_latents: run the last round(denoise * steps) of the trained steps
+    denoise: float = 1.0  # with init_latents: run the last floor(denoise * steps) of the trained steps
     positive_context: Optional[torch.Tensor] = None  # [1, tokens, 768] from ComfyUI's CLIPTextEncode: replaces prompt
     negative_context: Optional[torch.Tensor] = None  # likewise for negative
 

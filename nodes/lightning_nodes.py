@@ -142,7 +142,7 @@ SAMPLER = NodeSpec(
         Param("motion_scale", "FLOAT", "Temporal attention scale: 0.8-0.9 calmer, 1.1-1.2 livelier.",
               {"default": 1.0, "min": 0.5, "max": 1.5, "step": 0.05}),
         Param("denoise", "FLOAT", "With init_images or latent: how much to change them. 0.3-0.5 keeps the video's "
-              "layout and motion (video-to-video); 1 = from pure noise. Runs the last denoise x steps of the "
+              "layout and motion (video-to-video); 1 = from pure noise. Runs the last floor(denoise x steps) of the "
               "variant's own timesteps (the node says which), never a schedule it was not trained on.",
               {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.05}, optional=True),
         Param("init_images", "IMAGE", "Optional: frames to restyle (Flipbook Load Video, core Load Image...). One "

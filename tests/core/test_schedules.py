@@ -52,3 +52,28 @@ def test_unknown_names_raise_typed_errors():
         schedules.sigmas_for_steps(schedules.discrete_sigmas("linear", 0.00085, 0.012), "karras", 4)
     with pytest.raises(InvalidSettingError):
         schedules.discrete_sigmas("cosine", 0.00085, 0.012)
+
+
+@pytest.mark.parametrize("steps", [2, 4, 8])
+@pytest.mark.parametrize("denoise", [0.3, 0.4, 0.5, 0.6, 0.75, 1.0])
+def test_partial_denoise_keeps_the_trained_timesteps_as_diffusers_video_to_video(steps, denoise):
+    """diffusers' AnimateDiffVideoToVideoPipeline runs scheduler.timesteps[steps - int(steps * strength):] of the
+    trailing Euler schedule (lightning-breadth.md 5.1, verified there); Flipbook runs the same timesteps."""
+    from diffusers import EulerDiscreteScheduler
+
+    from flipbook_pack.core.errors import InvalidSettingError
+    from flipbook_pack.core.schedules import discrete_sigmas, schedule_tail, sigmas_for_steps
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+                                       timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    theirs = scheduler.timesteps[steps - min(int(steps * denoise), steps):].round().long().tolist()
+    sigmas, timesteps = sigmas_for_steps(discrete_sigmas("linear", 0.00085, 0.012), "trailing", steps)
+    if not theirs:  # diffusers would run nothing and return the re-encoded input: Flipbook says so instead
+        with pytest.raises(InvalidSettingError, match="runs no step"):
+            schedule_tail(sigmas[:-1], timesteps, denoise)
+        return
+    sigmas_run, ours = schedule_tail(sigmas[:-1], timesteps, denoise)
+    assert ours.tolist() == theirs
+    torch.testing.assert_close(sigmas_run.double(), scheduler.sigmas[steps - len(theirs):-1].double(), atol=1e-4,
+                               rtol=1e-5)
