@@ -302,7 +302,11 @@ def encode_frames(model: LightningModel, images: torch.Tensor, memory: Optional[
         for start in range(0, len(images), DECODE_CHUNK):
             pixels = images[start:start + DECODE_CHUNK].permute(0, 3, 1, 2).to(vae.load_device, vae.dtype) * 2 - 1
             parts.append(model.vae.encode(pixels).latent_dist.mean.float().cpu() * model.scaling_factor)
-    return torch.cat(parts)
+    latents = torch.cat(parts)
+    require_finite(latents, what="encoded input frames", likely_causes=(
+        f"NaN/inf in the input images, or an fp16 overflow in the VAE of {model.checkpoint_name} (try ComfyUI's "
+        "--fp32-vae)"))
+    return latents
 
 
 def unet_working_bytes(frames: int, height: int, width: int, dtype: torch.dtype, guided: bool) -> int:

@@ -20,8 +20,9 @@ def _load(ckpt_name, motion_model, variant, policy) -> NodeResult:
     return NodeResult((model,))
 
 
-def _init_latents(model, init_images, latent):
-    """The input of a video-to-video / image-to-animation run in the UNet's latent space, or None."""
+def _init_latents(model, init_images, latent, *, frames: int, width: int, height: int):
+    """The input of a video-to-video / image-to-animation run in the UNet's latent space, or None. Its frame count
+    and size are checked before anything is encoded (a long video through the VAE first would waste minutes)."""
     from ..core.errors import InvalidSettingError
     from ..lightning.pipeline import encode_frames
 
@@ -33,51 +34,84 @@ def _init_latents(model, init_images, latent):
             raise InvalidSettingError(f"The latent is not an SD1.5 LATENT of frames ([frames, 4, h, w]), got "
                                       f"{None if samples is None else tuple(samples.shape)}.")
         return samples.float() * model.scaling_factor  # ComfyUI's LATENT holds the VAE's own latents
-    if init_images is not None:
-        return encode_frames(model, init_images, memory=_comfy.memory_for(model.handle))
-    return None
+    if init_images is None:
+        return None
+    count, image_height, image_width = init_images.shape[0], init_images.shape[1], init_images.shape[2]
+    if count not in (1, frames) or (image_height, image_width) != (height, width) or init_images.shape[-1] not in (3, 4):
+        limit = model.motion.max_frames
+        how = (f"set frames to {count}" if count <= limit else
+               f"cut the video to at most {limit} frames (Load Video's frame_cap)")
+        raise InvalidSettingError(
+            f"init_images are {count} frames of {image_width}x{image_height}, the sampler is set to {frames} frames of "
+            f"{width}x{height}: {how} (or give 1 image for image-to-animation) and set width/height to the "
+            "images' size (Load Video resizes to a multiple of 8).")
+    return encode_frames(model, init_images[..., :3], memory=_comfy.memory_for(model.handle))  # RGBA: drop alpha
 
 
 def _context(conditioning, name: str):
-    """The text embeddings of a ComfyUI CONDITIONING ([[tensor, options], ...]; the first entry), or None."""
+    """The text embeddings of a ComfyUI CONDITIONING ([[tensor, options]]), or None. Entries or options Flipbook
+    does not apply (Combine's second entry, a ControlNet, an area or mask) are refused, never dropped silently."""
+    import torch
+
     from ..core.errors import InvalidSettingError
 
     if conditioning is None:
         return None
-    if not (isinstance(conditioning, list) and conditioning and isinstance(conditioning[0], (list, tuple))):
+    if not (isinstance(conditioning, list) and conditioning and isinstance(conditioning[0], (list, tuple))
+            and isinstance(conditioning[0][0], torch.Tensor)):
         raise InvalidSettingError(f"{name} is not a CONDITIONING (got {type(conditioning).__name__}); connect "
                                   "CLIPTextEncode.")
+    unused = sorted(set(conditioning[0][1]) & {"control", "area", "mask", "strength", "start_percent",
+                                               "end_percent", "gligen"})
+    if len(conditioning) > 1 or unused:
+        raise InvalidSettingError(
+            f"{name} has {len(conditioning)} entries{' and ' + ', '.join(unused) if unused else ''}; the Flipbook "
+            "sampler applies one prompt's embeddings (no ControlNet, area or mask conditioning yet). Use "
+            "Conditioning (Concat) instead of Combine, and leave ControlNet out.")
     return conditioning[0][0]
 
 
 def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale,
             denoise=1.0, init_images=None, latent=None, positive_cond=None, negative_cond=None) -> NodeResult:
-    from ..lightning.pipeline import GenerationRequest, generate
+    import dataclasses
+
+    from ..lightning.pipeline import GenerationRequest, generate, validate_request
 
     request = GenerationRequest(prompt=prompt, negative=negative, seed=seed, frames=frames, width=width, height=height,
                                 steps=steps, cfg=cfg, scheduler=scheduler, motion_scale=motion_scale,
-                                init_latents=_init_latents(model, init_images, latent), denoise=denoise,
+                                init_latents=None, denoise=denoise,
                                 positive_context=_context(positive_cond, "positive_cond"),
                                 negative_context=_context(negative_cond, "negative_cond"))
     progress = _comfy.progress_reporter(steps, latent_format="SD15")
+    validate_request(model, dataclasses.replace(request, denoise=1.0))  # settings first, then the (long) encode
+    request = dataclasses.replace(request, init_latents=_init_latents(model, init_images, latent, frames=frames,
+                                                                      width=width, height=height))
+    # previews as ComfyUI's own samplers send them for AnimateDiff: one latent per frame ([F, 4, h, w]; TAESD
+    # previews need 4-D latents)
     result = generate(model, request, progress=progress, memory=_comfy.memory_for(model.handle),
-                      preview=progress.preview)
+                      preview=lambda step, of, x, denoised: progress.preview(step, of, x, denoised[0].transpose(0, 1)))
     notes = [*model.notes, *result.notes]
+    if positive_cond is not None and prompt.strip():
+        notes.append("the prompt text was not used: positive_cond (CONDITIONING) replaces it")
     # ComfyUI's LATENT for SD1.5 holds the VAE's own latents (latent_formats.SD15: scale 0.18215 on the way in),
     # one per frame as AnimateDiff-Evolved batches them: core VAE Decode, upscalers and hires passes take it
     latent = {"samples": result.latents / model.scaling_factor}
     return NodeResult((result.frames, latent), {"flipbook_notes": notes} if notes else None)
 
 
-def _check_sample(cls, prompt=None, negative=None, cfg=None, motion_scale=None, denoise=None):
+def _check_sample(cls, prompt=None, negative=None, cfg=None, motion_scale=None, denoise=None, steps=None):
     """When queued, before any node runs: NaN/inf numbers (they pass every min/max comparison) and prompt
     weights such as (fox:nan). ComfyUI skips its own type/range checks for inputs a validator names, so
     they are repeated here. Values arriving through links are checked at run time instead."""
     from ..core.errors import InvalidSettingError
     from ..core.prompt import parse_weights
 
-    problems = [problem for name, value in (("cfg", cfg), ("motion_scale", motion_scale), ("denoise", denoise))
+    problems = [problem for name, value in (("cfg", cfg), ("motion_scale", motion_scale), ("denoise", denoise),
+                                            ("steps", steps))
                 if (problem := number_problem(name, value, option(SAMPLER, name, "min"), option(SAMPLER, name, "max")))]
+    if not problems and isinstance(denoise, (int, float)) and isinstance(steps, int) and int(denoise * steps + 1e-9) < 1:
+        problems.append(f"denoise={denoise} of {steps} steps runs no step (floor({denoise} x {steps}) = 0): use at "
+                        f"least {1 / steps:.3g}")
     for name, text in (("prompt", prompt), ("negative", negative)):
         if text is not None and not isinstance(text, str):
             problems.append(f"{name} must be text, got {type(text).__name__}")

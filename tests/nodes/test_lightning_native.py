@@ -42,9 +42,40 @@ def test_conditioning_in_replaces_the_prompt_text(lightning_model):
     by_text, _ = sampler.execute(**_inputs(lightning_model, prompt="a red fox", cfg=1.5, negative="blurry"))
     encode = lambda text: encode_weighted(lightning_model.tokenizer, lightning_model.text_encoder, text,  # noqa: E731
                                           torch.device("cpu"))
-    by_cond, _ = sampler.execute(**_inputs(lightning_model, prompt="ignored", cfg=1.5, negative="ignored too",
-                                           positive_cond=[[encode("a red fox"), {}]],
-                                           negative_cond=[[encode("blurry"), {}]]))
-    assert torch.equal(by_text, by_cond)
+    out = sampler.execute(**_inputs(lightning_model, prompt="ignored", cfg=1.5, negative="ignored too",
+                                    positive_cond=[[encode("a red fox"), {"pooled_output": None}]],
+                                    negative_cond=[[encode("blurry"), {}]]))
+    assert torch.equal(by_text, out["result"][0])
+    assert "the prompt text was not used: positive_cond (CONDITIONING) replaces it" in out["ui"]["flipbook_notes"]
+    for bad, words in (([[encode("a"), {}], [encode("b"), {}]], "2 entries"),
+                       ([[encode("a"), {"control": object()}]], "control"), ([["x", {}]], "not a CONDITIONING")):
+        with pytest.raises(InvalidSettingError, match=words):
+            sampler.execute(**_inputs(lightning_model, positive_cond=bad))
     with pytest.raises(InvalidSettingError, match="SDXL's is 2048 wide"):
         sampler.execute(**_inputs(lightning_model, positive_cond=[[torch.zeros(1, 77, 2048), {}]]))
+
+
+def test_init_images_are_checked_before_encoding_and_rgba_is_accepted(lightning_model, monkeypatch):
+    from flipbook_pack.lightning import pipeline as pipeline_module
+
+    sampler = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]()
+    encoded = []
+    real = pipeline_module.encode_frames
+    monkeypatch.setattr(pipeline_module, "encode_frames", lambda *a, **k: (encoded.append(1), real(*a, **k))[1])
+    with pytest.raises(InvalidSettingError, match="init_images are 40 frames of 64x64.*cut the video to at most"):
+        sampler.execute(**_inputs(lightning_model, denoise=0.5, init_images=torch.rand(40, 64, 64, 3)))
+    with pytest.raises(InvalidSettingError, match="64x72"):
+        sampler.execute(**_inputs(lightning_model, denoise=0.5, init_images=torch.rand(4, 72, 64, 3)))
+    from flipbook_pack.core.errors import SettingsMismatchError
+
+    with pytest.raises(SettingsMismatchError):  # a strict-policy mismatch is reported before any encode
+        sampler.execute(**_inputs(lightning_model, steps=8, denoise=0.5, init_images=torch.rand(4, 64, 64, 3)))
+    assert not encoded
+    frames, _ = sampler.execute(**_inputs(lightning_model, denoise=0.5, init_images=torch.rand(4, 64, 64, 4)))["result"]
+    assert frames.shape == (4, 64, 64, 3) and encoded
+
+
+def test_low_denoise_is_refused_when_queued():
+    check = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"].VALIDATE_INPUTS
+    assert "runs no step" in check(denoise=0.2, steps=4)
+    assert check(denoise=0.25, steps=4) is True

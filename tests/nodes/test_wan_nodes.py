@@ -209,8 +209,9 @@ def fake_comfy(monkeypatch):
 
     class Previewer:
         def decode_latent_to_preview_image(self, fmt, x0):
-            assert x0.ndim == 5 and x0.shape[1] in (4, 16)  # the video latent [B, C, F, h, w], as Latent2RGB takes it
+            assert x0.shape[1] in (4, 16)
             state["previews"] += 1
+            state.setdefault("preview_shapes", []).append(tuple(x0.shape))
             return ("JPEG", "image", 512)
 
     previews.get_previewer = lambda device, latent_format: (Previewer() if latent_format in ("wan21-format",
@@ -372,3 +373,11 @@ def test_lightning_sampler_sends_latent_previews_inside_comfyui(fake_comfy, ligh
                progress=progress, preview=progress.preview)
     assert fake_comfy["previews"] == 4
     assert [u[2] for u in fake_comfy["updates"] if u[2] is not None] == [("JPEG", "image", 512)] * 4
+
+
+def test_lightning_node_previews_one_latent_per_frame(fake_comfy, lightning_model):
+    """As ComfyUI's own samplers pass AnimateDiff latents ([frames, 4, h, w]): TAESD previews need 4-D."""
+    NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]().execute(
+        model=lightning_model, prompt="a fox", negative="", seed=1, frames=4, width=64, height=64, steps=4, cfg=1.0,
+        scheduler="trailing", motion_scale=1.0)
+    assert fake_comfy["preview_shapes"] == [(4, 4, 8, 8)] * 4
