@@ -20,52 +20,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..core.lora_factors import clear_factors, set_factors
 from ..core.model_handle import FP8_DTYPES, Component, tensor_bytes
 from .loras import Patch, WanLora
 from .transformer import diffusers_names
 
 log = logging.getLogger(__name__)
 STATE_ATTR = "_flipbook_lora_state"
-FACTOR_BUFFERS = ("lora_up", "lora_down", "lora_dense")
-
-
-class PatchedLinear:
-    """Mixed into a Linear's own class (plain, StoredLinear fp8, or a host's cast-on-forward Linear, whose
-    behaviour is kept): while the layer carries LoRA factors, U @ D is added to its weight at each forward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, dense = getattr(self, "lora_up", None), getattr(self, "lora_dense", None)
-        if up is None and dense is None:
-            return super().forward(x)
-        tokens = x.numel() // x.shape[-1]
-        if dense is None and tokens * (self.in_features + self.out_features) < self.in_features * self.out_features:
-            # few tokens (the time embedding sees one, the text embedding 512): x D^T U^T is cheaper than U @ D
-            low_rank = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_down.to(x.device, x.dtype)),
-                                                  up.to(x.device, x.dtype))
-            return super().forward(x) + low_rank
-        # in the compute dtype, as a merge into bf16/fp16 weights would round it (matmuls accumulate in fp32);
-        # float32 passes over every weight would cost more memory traffic than the LoRA product itself
-        dtype = x.dtype
-        weight = self.weight.to(device=x.device, dtype=dtype, non_blocking=True)
-        scale = getattr(self, "weight_scale", None)
-        if scale is not None:
-            weight = weight * scale.to(device=x.device, dtype=dtype)
-        if up is not None:
-            down = self.lora_down.to(device=x.device, dtype=dtype, non_blocking=True)
-            weight = torch.addmm(weight, up.to(device=x.device, dtype=dtype, non_blocking=True), down)
-        if dense is not None:  # a diff or set_weight on an fp8 weight: added here, never rounded into fp8
-            weight = weight + dense.to(device=x.device, dtype=dtype, non_blocking=True)
-        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=dtype, non_blocking=True)
-        return torch.nn.functional.linear(x, weight, bias)
-
-
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def _patched_class(base: type) -> type:
-    if base not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[base] = type(f"Patched{base.__name__}", (PatchedLinear, base), {})
-    return _PATCHED_CLASSES[base]
 
 
 @dataclass
@@ -86,9 +47,7 @@ def stack_key(stack: Sequence[tuple[WanLora, float]]) -> tuple:
 def clear_patches(module: torch.nn.Module) -> None:
     """After the weights were read from the file again: no factors, nothing to restore (`Component.finish`)."""
     for layer in module.modules():
-        for name in FACTOR_BUFFERS:
-            if name in layer._buffers:
-                layer._buffers[name] = None
+        clear_factors(layer)
     setattr(module, STATE_ATTR, None)
 
 
@@ -151,15 +110,12 @@ def _attach(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float
     device = layer.weight.device
     # stored in the compute precision (an fp8 layer's factors are not kept in float32: 1.7 GB at rank 96 on 14B)
     dtype = layer.weight.dtype if layer.weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else compute
-    if not isinstance(layer, PatchedLinear):
-        layer.__class__ = _patched_class(type(layer))
     state.factor_layers.append(layer)
     pairs = [(p, s) for p, s in entries if p.kind == "lora"]
+    up = down = delta = None
     if pairs:  # strength * alpha / rank folded into `up` in float32
         up = torch.cat([p.up.to(device, torch.float32) * (s * p.factor) for p, s in pairs], dim=1)
         down = torch.cat([p.down.to(device, torch.float32) for p, _ in pairs], dim=0)
-        layer.register_buffer("lora_up", up.to(dtype), persistent=False)
-        layer.register_buffer("lora_down", down.to(dtype), persistent=False)
     dense = [(p, s) for p, s in entries if p.kind != "lora"]
     if dense:
         real = layer.weight.to(torch.float32) * getattr(layer, "weight_scale", torch.ones((), device=device))
@@ -167,7 +123,7 @@ def _attach(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float
         for patch, strength in dense:
             value = patch.delta.to(device, torch.float32).reshape(real.shape)
             delta = (value - real) if patch.kind == "set" else delta + strength * patch.factor * value
-        layer.register_buffer("lora_dense", delta.to(dtype), persistent=False)
+    set_factors(layer, up=up, down=down, dense=delta, dtype=dtype)
 
 
 def _merge_in_place(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float]],
@@ -192,9 +148,7 @@ def _merge_in_place(module: torch.nn.Module, name: str, entries: list[tuple[Patc
 def _restore(module: torch.nn.Module, state: LoraState) -> None:
     with torch.no_grad():
         for layer in state.factor_layers:
-            for buffer in FACTOR_BUFFERS:
-                if buffer in layer._buffers:
-                    layer._buffers[buffer] = None
+            clear_factors(layer)
         for name, original in state.originals.items():
             owner, leaf = _owner(module, name)
             getattr(owner, leaf).data.copy_(original)
