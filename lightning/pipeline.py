@@ -50,6 +50,7 @@ class LightningModel:
     device: torch.device  # where the UNet computes (the sampling loop's device)
     dtype: torch.dtype  # the UNet's dtype
     notes: tuple[str, ...] = ()  # what loading noticed (e.g. variant vs file name), shown on the node
+    motion_loras: tuple = ()  # (MotionLora, strength), applied when sampling; the loaded weights are shared
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -202,7 +203,10 @@ def _motion_unet_component(layout, motion_path: Path, info: MotionModuleInfo, **
     def weights() -> dict[str, torch.Tensor]:
         return {**unet_weights(layout), **motion_weights(load_state_dict(motion_path, expect=motion_file), info)}
 
-    return Component(name="unet", module=unet, weights=weights, **placement)
+    from .motion_lora import clear_motion_loras
+
+    return Component(name="unet", module=unet, weights=weights, finish=clear_motion_loras, **placement)
+
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,9 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     x = initial_latent(noise, sigmas[0], denoiser.parameterization, init=init).to(model.device)
     memory.prepare([model.handle["unet"]], unet_working_bytes(request.frames, request.height, request.width,
                                                               model.dtype, denoiser.guided))
+    from .motion_lora import apply_motion_loras
+
+    apply_motion_loras(model.handle["unet"], model.motion_loras)  # on the device the weights now live on
     with motion_scale(model.unet, request.motion_scale):
         latents = SAMPLERS[model.variant.sampler](denoiser, x, sigmas, preview)
     require_finite(latents, what="sampled latents", likely_causes=(

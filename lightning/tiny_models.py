@@ -167,3 +167,25 @@ def tiny_motion_state_dict(
     if layout == "original":
         state = motion_to_original(state)
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def tiny_motion_lora(motion_state: dict[str, torch.Tensor], *, rank: int = 4, seed: int = 20,
+                     layout: str = "guoyww") -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """A camera-motion LoRA for a motion module in the original layout: guoyww's key names (or diffusers'
+    converted ones, `unet.` + attn1/attn2), no alpha. Returns (file tensors, {original weight: (up, down)})."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors, plain = {}, {}
+    for key, value in motion_state.items():
+        block, _, leaf = key.rpartition(".attention_blocks.")
+        if not block or not leaf.endswith(".weight") or leaf.split(".")[1] not in ("to_q", "to_k", "to_v", "to_out"):
+            continue
+        index, name = leaf.split(".")[0], leaf.split(".")[1]
+        up = torch.randn(value.shape[0], rank, generator=generator) * 0.05
+        down = torch.randn(rank, value.shape[1], generator=generator) * 0.05
+        if layout == "guoyww":
+            stem = f"{block}.attention_blocks.{index}.processor.{name}_lora"
+        else:
+            stem = f"unet.{block.replace('.temporal_transformer', '')}.attn{int(index) + 1}.processor.{name}_lora"
+        tensors[stem + ".down.weight"], tensors[stem + ".up.weight"] = down, up
+        plain[key] = (up, down)
+    return tensors, plain

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 ANIMATEDIFF_FOLDER = "animatediff_models"  # the folder name AnimateDiff-Evolved registers; users already have it
+MOTION_LORA_FOLDER = "animatediff_motion_lora"  # AnimateDiff-Evolved's folder for motion LoRAs
 
 
 @dataclass
@@ -58,15 +59,16 @@ def _folder_paths():
 
 
 def register_model_folders() -> None:
-    """Inside ComfyUI: add models/animatediff_models to that model folder (as AnimateDiff-Evolved does),
-    also when extra_model_paths.yaml or another pack already registered the name."""
+    """Inside ComfyUI: add models/animatediff_models and models/animatediff_motion_lora to those model folders (as
+    AnimateDiff-Evolved does), also when extra_model_paths.yaml or another pack already registered the names."""
     folder_paths = _folder_paths()
     if folder_paths is None:
         return
-    folder_paths.add_model_folder_path(ANIMATEDIFF_FOLDER, str(Path(folder_paths.models_dir) / ANIMATEDIFF_FOLDER))
-    extensions = folder_paths.folder_names_and_paths[ANIMATEDIFF_FOLDER][1]
-    if extensions:  # an empty set means "every file"; otherwise make sure model files are listed
-        extensions.update(MODEL_SUFFIXES)
+    for folder in (ANIMATEDIFF_FOLDER, MOTION_LORA_FOLDER):
+        folder_paths.add_model_folder_path(folder, str(Path(folder_paths.models_dir) / folder))
+        extensions = folder_paths.folder_names_and_paths[folder][1]
+        if extensions:  # an empty set means "every file"; otherwise make sure model files are listed
+            extensions.update(MODEL_SUFFIXES)
 
 
 def _inside(root: Path, name: str, what: str) -> Path:

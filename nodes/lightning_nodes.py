@@ -197,4 +197,34 @@ SAMPLER = NodeSpec(
                      "latent upscalers or a second pass."),
 )
 
-SPECS = (LOADER, SAMPLER)
+def _motion_lora(model, lora_name, strength) -> NodeResult:
+    from ..lightning.motion_lora import with_motion_lora
+
+    patched = with_motion_lora(model, _comfy.model_path(_comfy.MOTION_LORA_FOLDER, lora_name), strength=strength)
+    lora, _ = patched.motion_loras[-1]
+    notes = [lora.summary()]
+    if not model.variant.distilled and model.motion.version != "v2":
+        notes.append("camera motion LoRAs were trained on AnimateDiff v2 modules")
+    return NodeResult((patched,), {"flipbook_notes": notes})
+
+
+MOTION_LORA = NodeSpec(
+    node_id="FlipbookMotionLoraLoader",
+    display_name="Flipbook AnimateDiff Motion LoRA (camera: zoom, pan, tilt, roll)",
+    category=CATEGORY,
+    description="Adds an AnimateDiff v2 camera motion LoRA (v2_lora_ZoomIn, PanLeft, TiltUp, Rolling...) to the "
+                "motion module; chain one per LoRA. Every key is applied or the file is refused (a v2 LoRA on a v3 "
+                "module is an error, not a silent no-op). Changing it never reloads the checkpoint.",
+    inputs=(
+        Param("model", MODEL_TYPE, "From Flipbook AnimateDiff-Lightning Loader or another motion LoRA."),
+        Param("lora_name", "COMBO", "A motion LoRA from models/animatediff_motion_lora (AnimateDiff-Evolved's folder).",
+              choices=lambda: _comfy.model_names(_comfy.MOTION_LORA_FOLDER)),
+        Param("strength", "FLOAT", "0.7-0.8 with Lightning (its card); 1.0 with standard AnimateDiff v2.",
+              {"default": 0.75, "min": 0.0, "max": 2.0, "step": 0.05}),
+    ),
+    outputs=((MODEL_TYPE, "model"),),
+    run=_motion_lora,
+    output_tooltips=("The same model with the motion LoRA in its stack (the loaded weights are shared).",),
+)
+
+SPECS = (LOADER, MOTION_LORA, SAMPLER)

@@ -1,0 +1,140 @@
+"""AnimateDiff motion LoRAs (guoyww's v2 camera LoRAs: ZoomIn, PanLeft, TiltUp, Rolling...) on the motion module.
+
+Keys (lightning-breadth.md section 2.5): `{down_blocks.i|up_blocks.i|mid_block}.motion_modules.j.temporal_transformer.
+transformer_blocks.0.attention_blocks.{0,1}.processor.{to_q|to_k|to_v|to_out}_lora.{down|up}.weight`, no alpha; the
+delta is strength * up @ down, unscaled (guoyww load_diffusers_lora, AnimateDiff-Evolved load_motion_lora_as_patches).
+diffusers' converted files (`unet.` prefix, attn1/attn2 names) read the same way. The factors stay beside the
+weights (core/lora_factors.py): a swap never touches the UNet's weights, and strength 0 is the module as loaded.
+Every key is applied or the file is refused: a v2 LoRA's mid-block keys on a v3 module (which has no mid block) are
+named, not skipped as AnimateDiff-Evolved does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..core.checkpoints import file_fingerprint, load_state_dict
+from ..core.errors import IncompatibleModelsError, UnsupportedCheckpointError
+from ..core.lora_factors import clear_factors, set_factors
+from ..core.model_handle import Component
+
+DEFAULT_STRENGTH = 0.75  # the AnimateDiff-Lightning card: 0.7-0.8 "to avoid watermark"
+STATE_ATTR = "_flipbook_motion_lora_state"
+
+
+@dataclass(frozen=True, repr=False)
+class MotionLora:
+    name: str
+    path: Path
+    fingerprint: tuple[int, int]
+    pairs: dict = field(default_factory=dict)  # UNetMotionModel weight name -> (up [out, r], down [r, in])
+
+    def summary(self) -> str:
+        return f"{self.name}: motion LoRA, applied {len(self.pairs)} lora pairs; 0 unmatched"
+
+    def __repr__(self) -> str:
+        return f"MotionLora({self.name}, {len(self.pairs)} pairs)"
+
+
+def _target(key: str) -> Optional[str]:
+    """The weight a `down` key patches, in the file's own naming (None for anything else)."""
+    if not key.endswith("_lora.down.weight"):
+        return None
+    name = key.removeprefix("unet.").replace("processor.", "").replace("_lora.down.weight", ".weight")
+    return name.replace(".to_out.weight", ".to_out.0.weight")
+
+
+def read_motion_lora(path: str | Path, *, unet: torch.nn.Module, version: str, model_name: str) -> MotionLora:
+    """The LoRA's pairs under the UNet's own names, every key accounted for."""
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    path = Path(path)
+    fingerprint = file_fingerprint(path)
+    state = load_state_dict(path)
+    state = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
+    if not any("motion_modules" in k for k in state):
+        raise UnsupportedCheckpointError(
+            f"{path.name} has no motion-module keys ('motion_modules'), so it is not an AnimateDiff motion LoRA. An "
+            "image LoRA belongs on the checkpoint; motion LoRAs are files like v2_lora_ZoomIn.ckpt.")
+    originals = {_target(k): k for k in state if _target(k)}
+    renamed = dict(zip(originals, convert_animatediff_checkpoint_to_diffusers(dict.fromkeys(originals))))
+    weights = dict(unet.state_dict(keep_vars=True))
+    pairs, unmatched = {}, []
+    for target, key in originals.items():
+        name = renamed[target]
+        up = state.get(key.replace(".down.weight", ".up.weight"))
+        if name not in weights or up is None:
+            unmatched.append(key)
+            continue
+        down = state[key]
+        if (up.shape[0], down.shape[1]) != tuple(weights[name].shape):
+            raise IncompatibleModelsError(
+                f"{path.name} was made for another motion module: {key} is {tuple(up.shape[:1] + down.shape[1:])}, "
+                f"{model_name}'s {name} is {tuple(weights[name].shape)}. Use a motion LoRA for SD1.5 AnimateDiff v2.")
+        pairs[name] = (up, down)
+    leftovers = [k for k in state if not (k.endswith("_lora.down.weight") or k.endswith("_lora.up.weight"))]
+    if unmatched or leftovers:
+        mid = [k for k in unmatched if "mid_block" in k]
+        why = (f"its {len(mid)} mid-block keys have nothing to apply to: {model_name} is an AnimateDiff {version} "
+               "module, which has no mid block (camera motion LoRAs are for v2 and Lightning modules)"
+               if mid and version != "v2" else f"{len(unmatched) + len(leftovers)} keys match nothing "
+               f"(e.g. {(unmatched + leftovers)[:2]})")
+        raise IncompatibleModelsError(f"{path.name}: {why}. Flipbook applies every key or refuses the file.")
+    return MotionLora(name=path.name, path=path, fingerprint=fingerprint, pairs=pairs)
+
+
+@dataclass
+class _State:
+    key: tuple
+    reads: int
+    layers: list = field(default_factory=list)
+
+
+def apply_motion_loras(component: Component, stack: Sequence[tuple[MotionLora, float]]) -> None:
+    """The UNet carries exactly `stack` (0 strength is off, empty restores the module as loaded)."""
+    module = component.module
+    key = tuple((lora.path, lora.fingerprint, float(s)) for lora, s in stack)
+    state: Optional[_State] = getattr(module, STATE_ATTR, None)
+    if state is not None and state.reads == component.reads and state.key == key:
+        return
+    if state is not None and state.reads == component.reads:
+        for layer in state.layers:
+            clear_factors(layer)
+    state = _State(key=key, reads=component.reads)
+    setattr(module, STATE_ATTR, state)
+    by_name: dict[str, list] = {}
+    for lora, strength in stack:
+        for name, pair in lora.pairs.items():
+            if strength:
+                by_name.setdefault(name, []).append((pair, float(strength)))
+    with torch.no_grad():
+        for name, entries in by_name.items():
+            layer = module.get_submodule(name.rpartition(".")[0])
+            device, dtype = layer.weight.device, layer.weight.dtype
+            up = torch.cat([u.to(device, torch.float32) * s for (u, _), s in entries], dim=1)
+            down = torch.cat([d.to(device, torch.float32) for (_, d), _ in entries], dim=0)
+            set_factors(layer, up=up, down=down, dense=None, dtype=dtype)
+            state.layers.append(layer)
+
+
+def clear_motion_loras(unet: torch.nn.Module) -> None:
+    """Weights read from the files again (`Component.finish`): motion-LoRA factors of an earlier read are gone."""
+    for layer in unet.modules():
+        clear_factors(layer)
+    setattr(unet, STATE_ATTR, None)
+
+
+def with_motion_lora(model, path: str | Path, *, strength: float):
+    """The LightningModel with one more motion LoRA (camera motion) in its stack; nothing is copied."""
+    import dataclasses
+    import math
+
+    from ..core.errors import InvalidSettingError
+
+    if not math.isfinite(strength):
+        raise InvalidSettingError(f"strength={strength}: use a finite number (0.7-0.8 for Lightning).")
+    lora = read_motion_lora(path, unet=model.unet, version=model.motion.version, model_name=model.motion_name)
+    return dataclasses.replace(model, motion_loras=(*model.motion_loras, (lora, float(strength))))
