@@ -121,9 +121,11 @@ def apply_motion_loras(component: Component, stack: Sequence[tuple[MotionLora, f
 
 
 def clear_motion_loras(unet: torch.nn.Module) -> None:
-    """Weights read from the files again (`Component.finish`): motion-LoRA factors of an earlier read are gone."""
-    for layer in unet.modules():
-        clear_factors(layer)
+    """Weights read from the files again (`Component.finish`): LoRA factors of an earlier read are gone (motion
+    LoRAs and image LoRAs alike)."""
+    from .sd15_lora import clear_sd15_loras
+
+    clear_sd15_loras(unet)
     setattr(unet, STATE_ATTR, None)
 
 

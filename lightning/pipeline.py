@@ -27,7 +27,9 @@ from ..core.vae import decode_latents
 from . import variants as V
 from .motion_module import (MotionModuleInfo, adapter_config, inspect_motion_module, motion_attention_key_projections,  # noqa: F401
                             motion_scale, motion_weights)
+from .motion_lora import apply_motion_loras
 from .sd15_checkpoint import inspect_sd15_checkpoint, text_encoder_component, unet_weights, vae_component
+from .sd15_lora import apply_sd15_loras, stack_note
 from .text import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class LightningModel:
     dtype: torch.dtype  # the UNet's dtype
     notes: tuple[str, ...] = ()  # what loading noticed (e.g. variant vs file name), shown on the node
     motion_loras: tuple = ()  # (MotionLora, strength), applied when sampling; the loaded weights are shared
+    loras: tuple = ()  # (SD15Lora, strength): image LoRAs on the UNet and text encoder, likewise
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -345,6 +348,9 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     decode_chunks = -(-request.frames // DECODE_CHUNK)
     total = steps_run + decode_chunks
     memory.prepare([model.handle["text_encoder"]])
+    apply_sd15_loras(model.handle["text_encoder"], model.loras)  # before the prompt is encoded
+    if (note := stack_note(model.loras)) is not None:
+        notes.append(note)
     denoiser = _make_denoiser(model, request, settings, progress=(lambda done, _n: progress(done, total))
                               if progress else None, expected_calls=steps_run)
     noise = seeded_noise((1, 4, request.frames, request.height // 8, request.width // 8), request.seed)
@@ -353,9 +359,8 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     x = initial_latent(noise, sigmas[0], denoiser.parameterization, init=init).to(model.device)
     memory.prepare([model.handle["unet"]], unet_working_bytes(request.frames, request.height, request.width,
                                                               model.dtype, denoiser.guided))
-    from .motion_lora import apply_motion_loras
-
     apply_motion_loras(model.handle["unet"], model.motion_loras)  # on the device the weights now live on
+    apply_sd15_loras(model.handle["unet"], model.loras)
     with motion_scale(model.unet, request.motion_scale):
         latents = SAMPLERS[model.variant.sampler](denoiser, x, sigmas, preview)
     require_finite(latents, what="sampled latents", likely_causes=(

@@ -225,7 +225,11 @@ def text_encoder_component(layout: SD15Layout, **placement) -> Component:
 
 
 def _clip_position_ids(module: torch.nn.Module) -> None:
-    """CLIP keeps its position ids in a non-persistent buffer that no file holds: rebuild it."""
+    """CLIP keeps its position ids in a non-persistent buffer that no file holds: rebuild it. LoRA factors of an
+    earlier read are dropped: the weights are the file's again."""
+    from .sd15_lora import clear_sd15_loras
+
+    clear_sd15_loras(module)
     embeddings = module.get_submodule("text_model.embeddings" if hasattr(module, "text_model") else "embeddings")
     device = embeddings.position_embedding.weight.device
     length = embeddings.position_embedding.weight.shape[0]

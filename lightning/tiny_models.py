@@ -189,3 +189,31 @@ def tiny_motion_lora(motion_state: dict[str, torch.Tensor], *, rank: int = 4, se
         tensors[stem + ".down.weight"], tensors[stem + ".up.weight"] = down, up
         plain[key] = (up, down)
     return tensors, plain
+
+
+def tiny_kohya_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module, *, rank: int = 4, seed: int = 30,
+                    locon: bool = False) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], torch.Tensor]]:
+    """A kohya-format SD1.5 LoRA for these networks: every transformer Linear and proj_in/proj_out (1x1 convs),
+    the CLIP attention and MLP layers, alpha = rank / 2; `locon` adds the resnets' 3x3 convs. Returns (file
+    tensors, {(network, module name): the weight delta at strength 1})."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors, deltas = {}, {}
+    targets = [("unet", "lora_unet_", n, m) for n, m in unet.named_modules()
+               if ".attentions." in n and "motion_modules" not in n
+               and (isinstance(m, torch.nn.Linear) or n.endswith(("proj_in", "proj_out")))]
+    if locon:
+        targets += [("unet", "lora_unet_", n, m) for n, m in unet.named_modules()
+                    if ".resnets." in n and n.endswith(("conv1", "conv2"))]
+    targets += [("text_encoder", "lora_te_", n, m) for n, m in text_encoder.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    for network, prefix, name, layer in targets:
+        out_features, in_features = layer.weight.shape[:2]
+        kernel = tuple(layer.weight.shape[2:])
+        down = torch.randn(rank, in_features, *kernel, generator=generator) * 0.1
+        up = torch.randn(out_features, rank, *((1,) * len(kernel)), generator=generator) * 0.1
+        stem = prefix + ("text_model." + name if network == "text_encoder" and not name.startswith("text_model")
+                         else name).replace(".", "_")
+        tensors[stem + ".lora_down.weight"], tensors[stem + ".lora_up.weight"] = down, up
+        tensors[stem + ".alpha"] = torch.tensor(rank / 2)
+        deltas[(network, name)] = 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
+    return tensors, deltas

@@ -227,4 +227,29 @@ MOTION_LORA = NodeSpec(
     output_tooltips=("The same model with the motion LoRA in its stack (the loaded weights are shared).",),
 )
 
-SPECS = (LOADER, MOTION_LORA, SAMPLER)
+def _image_lora(model, lora_name, strength) -> NodeResult:
+    from ..lightning.sd15_lora import with_sd15_lora
+
+    patched = with_sd15_lora(model, _comfy.model_path("loras", lora_name), strength=strength)
+    return NodeResult((patched,), {"flipbook_notes": [patched.loras[-1][0].summary()]})
+
+
+IMAGE_LORA = NodeSpec(
+    node_id="FlipbookLightningLoraLoader",
+    display_name="Flipbook AnimateDiff-Lightning LoRA (SD1.5 style / character)",
+    category=CATEGORY,
+    description="Adds an SD1.5 LoRA (kohya / A1111 format, LoCon included) to the checkpoint's UNet and text encoder; "
+                "chain one per LoRA. Every key is applied or the file is refused (SDXL, SD2 and Wan LoRAs are named). "
+                "Changing it never reloads the checkpoint. Inside ComfyUI, core LoraLoader on the checkpoint works too.",
+    inputs=(
+        Param("model", MODEL_TYPE, "From Flipbook AnimateDiff-Lightning Loader or another LoRA node."),
+        Param("lora_name", "COMBO", "An SD1.5 LoRA from models/loras.", choices=lambda: _comfy.model_names("loras")),
+        Param("strength", "FLOAT", "Usually 0.6-1.0; the sampler warns when the stack adds up to more than 1.2.",
+              {"default": 0.8, "min": -4.0, "max": 4.0, "step": 0.05}),
+    ),
+    outputs=((MODEL_TYPE, "model"),),
+    run=_image_lora,
+    output_tooltips=("The same model with the LoRA in its stack (the loaded weights are shared).",),
+)
+
+SPECS = (LOADER, IMAGE_LORA, MOTION_LORA, SAMPLER)

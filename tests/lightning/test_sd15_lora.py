@@ -1,0 +1,88 @@
+"""lightning/sd15_lora.py: a kohya SD1.5 LoRA (and LoCon) on the tiny Lightning model gives the frames of the same
+model with the deltas added to its weights by hand; strengths stack; swaps restore the base bit for bit; LoRAs for
+other bases are typed errors naming both."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flipbook_pack.core.errors import IncompatibleModelsError, UnsupportedCheckpointError
+from flipbook_pack.lightning import pipeline as P
+from flipbook_pack.lightning import tiny_models as T
+from flipbook_pack.lightning.sd15_lora import with_sd15_lora
+
+REQUEST = P.GenerationRequest(prompt="a fox", seed=3, frames=4, width=64, height=64, steps=4)
+
+
+def _write(tensors, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("locon", [False, True])
+def test_kohya_lora_equals_weights_merged_by_hand(tiny_models, lightning_model, tmp_path, locon):
+    _, files = tiny_models
+    tensors, deltas = T.tiny_kohya_lora(lightning_model.unet, lightning_model.text_encoder, locon=locon)
+    lora_path = _write(tensors, tmp_path / "style.safetensors")
+    patched = with_sd15_lora(lightning_model, lora_path, strength=0.8)
+    lora = patched.loras[0][0]
+    assert len(lora.pairs) == len(deltas) and "0 unmatched" in lora.summary()
+    ours = P.generate(patched, REQUEST).frames
+    reference = P.load_lightning(files["ckpt"], files["original"], device="cpu")
+    with torch.no_grad():
+        for (network, name), delta in deltas.items():
+            module = reference.unet if network == "unet" else reference.text_encoder
+            module.get_submodule(name).weight.add_(0.8 * delta)
+    torch.testing.assert_close(ours, P.generate(reference, REQUEST).frames, atol=2e-5, rtol=1e-4)
+    base = P.generate(lightning_model, REQUEST).frames
+    assert (ours - base).abs().max() > 1e-3
+    assert torch.equal(P.generate(lightning_model, REQUEST).frames, base)  # swapped back: bit for bit
+    twice = with_sd15_lora(patched, lora_path, strength=0.6)
+    result = P.generate(twice, REQUEST)
+    assert any("add up to 1.4" in note for note in result.notes)
+
+
+def test_other_bases_and_unknown_keys_are_refused(lightning_model, tmp_path):
+    cases = {
+        "sdxl.safetensors": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 4)},
+                             IncompatibleModelsError, "SDXL LoRA"),
+        "wan.safetensors": ({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 4)},
+                            IncompatibleModelsError, "Wan LoRA"),
+        "ldm.safetensors": ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 4, 1, 1),
+                             "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4, 1, 1)},
+                            UnsupportedCheckpointError, "match nothing"),
+        "loha.safetensors": ({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)},
+                             UnsupportedCheckpointError, "LoHa"),
+    }
+    for name, (tensors, error, words) in cases.items():
+        with pytest.raises(error, match=words):
+            with_sd15_lora(lightning_model, _write(tensors, tmp_path / name), strength=1.0)
+    wide = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+            torch.zeros(4, 1024),
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(32, 4)}
+    with pytest.raises(IncompatibleModelsError, match="SD2 LoRA is 1024 wide"):
+        with_sd15_lora(lightning_model, _write(wide, tmp_path / "sd2.safetensors"), strength=1.0)
+
+
+def test_lora_node_headless(tiny_models, lightning_model, tmp_path):
+    from flipbook_pack import NODE_CLASS_MAPPINGS
+    from flipbook_pack.nodes import _comfy
+
+    root, _ = tiny_models
+    tensors, deltas = T.tiny_kohya_lora(lightning_model.unet, lightning_model.text_encoder)
+    (root / "loras").mkdir(exist_ok=True)
+    _write(tensors, root / "loras" / "toon_style.safetensors")
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=root, output_dir=tmp_path))
+    try:
+        out = NODE_CLASS_MAPPINGS["FlipbookLightningLoraLoader"]().execute(model=lightning_model,
+                                                                           lora_name="toon_style.safetensors",
+                                                                           strength=0.8)
+        (patched,), notes = out["result"], out["ui"]["flipbook_notes"]
+        assert patched.loras[0][1] == 0.8 and lightning_model.loras == ()
+        unet = sum(network == "unet" for network, _ in deltas)
+        assert notes == [f"toon_style.safetensors: kohya LoRA, applied {unet} UNet and {len(deltas) - unet} "
+                         "text-encoder pairs; 0 unmatched"]
+    finally:
+        _comfy.use_headless(None)
