@@ -65,11 +65,37 @@ def _refuse_other_bases(name: str, keys: list[str], model_name: str) -> None:
                                          "LoCon. Use a LoRA export of it.")
 
 
+LDM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+def _ldm_names_to_diffusers(state: dict, unet: torch.nn.Module, file_name: str) -> dict:
+    """LoRAs named after the LDM UNet (`lora_unet_input_blocks_4_1_...`, some SD1.5 trainers) renamed to the
+    diffusers UNet's blocks by diffusers' own mapper (lora_conversion_utils._maybe_map_sgm_blocks_to_diffusers,
+    which numbers the blocks), then the block names themselves."""
+    if not any(k.startswith(LDM_BLOCKS) for k in state):
+        return state
+    if any(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for k in state):
+        raise UnsupportedCheckpointError(f"{file_name} mixes LDM and diffusers UNet names; it is not clear which to "
+                                         "apply (diffusers would drop the LDM ones). Re-export the LoRA.")
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(state), unet.config)
+    renames = (("lora_unet_input_blocks_", "lora_unet_down_blocks_"), ("lora_unet_middle_block_", "lora_unet_mid_block_"),
+               ("lora_unet_output_blocks_", "lora_unet_up_blocks_"))
+    out = {}
+    for key, value in mapped.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old):]
+        out[key] = value
+    return out
+
+
 def read_sd15_lora(path: str | Path, *, unet: torch.nn.Module, text_encoder: torch.nn.Module,
                    model_name: str) -> SD15Lora:
     path = Path(path)
     fingerprint = file_fingerprint(path)
-    state = load_state_dict(path)
+    state = _ldm_names_to_diffusers(load_state_dict(path), unet, path.name)
     keys = sorted(state)
     _refuse_other_bases(path.name, keys, model_name)
     lookups = {"unet": _underscored(unet), "text_encoder": _underscored(text_encoder, strip="text_model.")}
@@ -101,8 +127,8 @@ def read_sd15_lora(path: str | Path, *, unet: torch.nn.Module, text_encoder: tor
         examples = (unmatched + leftovers)[:3]
         raise UnsupportedCheckpointError(
             f"{path.name} has {len(set(unmatched + leftovers))} keys that match nothing in {model_name} (e.g. "
-            f"{examples}). Flipbook applies every key or refuses the file; SD1.5 LoRAs in LDM names "
-            "(lora_unet_input_blocks_...) are not read yet.")
+            f"{examples}). Flipbook applies every key or refuses the file (LoCon resnet convs in LDM names, "
+            "e.g. in_layers_2, are not read yet).")
     if not pairs:
         raise UnsupportedCheckpointError(f"{path.name} has no LoRA pairs (.lora_down/.lora_up weights).")
     return SD15Lora(name=path.name, path=path, fingerprint=fingerprint, pairs=pairs)

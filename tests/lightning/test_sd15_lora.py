@@ -50,9 +50,9 @@ def test_other_bases_and_unknown_keys_are_refused(lightning_model, tmp_path):
                              IncompatibleModelsError, "SDXL LoRA"),
         "wan.safetensors": ({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 4)},
                             IncompatibleModelsError, "Wan LoRA"),
-        "ldm.safetensors": ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 4, 1, 1),
-                             "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4, 1, 1)},
-                            UnsupportedCheckpointError, "match nothing"),
+        "ldm_resnet.safetensors": ({"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": torch.zeros(4, 32, 3, 3),
+                                    "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": torch.zeros(32, 4, 1, 1)},
+                                   UnsupportedCheckpointError, "match nothing"),
         "loha.safetensors": ({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)},
                              UnsupportedCheckpointError, "LoHa"),
     }
@@ -86,3 +86,25 @@ def test_lora_node_headless(tiny_models, lightning_model, tmp_path):
                          "text-encoder pairs; 0 unmatched"]
     finally:
         _comfy.use_headless(None)
+
+
+# lightning-breadth.md 2.1: LDM attention blocks -> diffusers (SD1.5: 2 layers per block)
+LDM_ATTENTIONS = {"input_blocks_1_1": "down_blocks_0_attentions_0", "input_blocks_2_1": "down_blocks_0_attentions_1",
+                  "input_blocks_4_1": "down_blocks_1_attentions_0", "input_blocks_5_1": "down_blocks_1_attentions_1",
+                  "input_blocks_7_1": "down_blocks_2_attentions_0", "input_blocks_8_1": "down_blocks_2_attentions_1",
+                  "middle_block_1": "mid_block_attentions_0",
+                  **{f"output_blocks_{3 + i}_1": f"up_blocks_{1 + i // 3}_attentions_{i % 3}" for i in range(9)}}
+
+
+def test_ldm_named_lora_equals_the_diffusers_named_one(lightning_model, tmp_path):
+    tensors, _ = T.tiny_kohya_lora(lightning_model.unet, lightning_model.text_encoder)
+    ldm = {}
+    for key, value in tensors.items():
+        for ldm_name, diffusers_name in LDM_ATTENTIONS.items():
+            key = key.replace("lora_unet_" + diffusers_name + "_", "lora_unet_" + ldm_name + "_")
+        ldm[key] = value
+    assert sum(k.startswith("lora_unet_input_blocks_") for k in ldm) > 0
+    diffusers_named = with_sd15_lora(lightning_model, _write(tensors, tmp_path / "d.safetensors"), strength=0.8)
+    ldm_named = with_sd15_lora(lightning_model, _write(ldm, tmp_path / "ldm.safetensors"), strength=0.8)
+    assert set(ldm_named.loras[0][0].pairs) == set(diffusers_named.loras[0][0].pairs)
+    assert torch.equal(P.generate(ldm_named, REQUEST).frames, P.generate(diffusers_named, REQUEST).frames)
