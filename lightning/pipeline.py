@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from ..core.checkpoints import file_fingerprint, load_state_dict, shared_reads
+from ..core.context_windows import windowed
 from ..core.denoisers import Denoiser, epsilon_prediction, initial_latent, uses_negative
 from ..core.devices import compute_dtype, resolve_device
 from ..core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError, UnsupportedCheckpointError
@@ -27,6 +28,7 @@ from ..core.vae import decode_latents
 from . import variants as V
 from .motion_module import (MotionModuleInfo, adapter_config, inspect_motion_module, motion_attention_key_projections,  # noqa: F401
                             motion_scale, motion_weights)
+from .inputs import check_contexts, check_init, encode_frames  # noqa: F401  (encode_frames: for the nodes)
 from .motion_lora import apply_motion_loras
 from .sd15_checkpoint import inspect_sd15_checkpoint, text_encoder_component, unet_weights, vae_component
 from .sd15_lora import apply_sd15_loras, stack_note
@@ -226,6 +228,10 @@ class GenerationRequest:
     motion_scale: float = 1.0
     init_latents: Optional[torch.Tensor] = None  # [F or 1, 4, h, w] in the UNet's latent space (video-to-video)
     denoise: float = 1.0  # with init_latents: run the last floor(denoise * steps) of the trained steps
+    context_schedule: str = "off"  # "standard" / "looped": context windows (core/context_windows.py) for long clips
+    context_length: int = 16
+    context_overlap: int = 4
+    context_fuse: str = "pyramid"
     positive_context: Optional[torch.Tensor] = None  # [1, tokens, 768] from ComfyUI's CLIPTextEncode: replaces prompt
     negative_context: Optional[torch.Tensor] = None  # likewise for negative
 
@@ -248,18 +254,24 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
         model.variant, V.SamplingSettings(request.steps, request.cfg, canonical_spacing(request.scheduler)),
         model.policy
     )
-    if not 1 <= request.frames <= model.motion.max_frames:
+    windows = request.context_schedule != "off"
+    if windows and not 1 <= request.context_length <= model.motion.max_frames:
+        raise InvalidSettingError(
+            f"context_length={request.context_length}, but this motion module's positional encoding covers at most "
+            f"{model.motion.max_frames} frames: use 1-{model.motion.max_frames} ({model.variant.frames} is what it "
+            "was trained on).")
+    if request.frames < 1 or (not windows and request.frames > model.motion.max_frames):
         raise InvalidSettingError(
             f"frames={request.frames}, but this motion module's positional encoding covers at most "
-            f"{model.motion.max_frames} frames ({model.variant.frames} is what it was trained on). Use 1-{model.motion.max_frames} "
-            "frames; longer videos need context windows, which Flipbook does not have yet."
-        )
+            f"{model.motion.max_frames} frames ({model.variant.frames} is what it was trained on). Use 1-"
+            f"{model.motion.max_frames} frames, or turn on context windows (context_schedule standard or looped) "
+            "for longer clips.")
     for name, value in (("width", request.width), ("height", request.height)):
         if value < 64 or value % 8:
             raise InvalidSettingError(f"{name}={value}: must be a multiple of 8 and at least 64 "
                                       f"({model.variant.resolution} is native).")
-    _check_init(request)
-    _check_contexts(model, request)
+    check_init(request)
+    check_contexts(model, request)
     low, high = MOTION_SCALE_RANGE
     if not low <= request.motion_scale <= high:
         raise InvalidSettingError(f"motion_scale={request.motion_scale}: use {low}-{high} (1.0 = as trained).")
@@ -271,49 +283,6 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
         log.warning("%s", note)
         checked = V.CheckedSettings(checked.settings, (*checked.notes, note))
     return checked
-
-
-def _check_init(request: GenerationRequest) -> None:
-    if request.denoise != 1.0 and request.init_latents is None:
-        raise InvalidSettingError(f"denoise={request.denoise} needs input frames (init_images or latent): without "
-                                  "them there is nothing to keep; use denoise 1 for text-to-animation.")
-    if request.init_latents is None:
-        return
-    frames, channels, h, w = request.init_latents.shape
-    if channels != 4 or (h, w) != (request.height // 8, request.width // 8) or frames not in (1, request.frames):
-        raise InvalidSettingError(
-            f"The input is {frames} frames of {w * 8}x{h * 8} ({channels}-channel latents), but the sampler is set to "
-            f"{request.frames} frames of {request.width}x{request.height}: set frames to {frames} (or 1 input "
-            f"image for image-to-animation) and the size to {w * 8}x{h * 8}, or resize the input.")
-
-
-def _check_contexts(model: LightningModel, request: GenerationRequest) -> None:
-    width = model.unet.config.cross_attention_dim
-    for name, context in (("positive", request.positive_context), ("negative", request.negative_context)):
-        if context is not None and (context.ndim != 3 or context.shape[0] != 1 or context.shape[-1] != width):
-            raise InvalidSettingError(
-                f"The {name} CONDITIONING is {tuple(context.shape)}, but {model.checkpoint_name} reads "
-                f"[1, tokens, {width}] (SD1.5's CLIP; SDXL's is 2048 wide, SD2's 1024). Encode the prompt with "
-                "CLIPTextEncode on the CLIP of this SD1.5 checkpoint.")
-
-
-def encode_frames(model: LightningModel, images: torch.Tensor, memory: Optional[MemoryPolicy] = None) -> torch.Tensor:
-    """IMAGE frames [F, H, W, 3] in 0..1 -> the VAE's latents [F, 4, H/8, W/8] in the UNet's space (the mean of
-    the encoder's distribution, as ComfyUI's VAE Encode takes it), a chunk of frames at a time."""
-    vae = model.handle["vae"]
-    (memory or LocalMemory(model.handle)).prepare([vae], vae_working_bytes(min(len(images), DECODE_CHUNK),
-                                                                          images.shape[1], images.shape[2],
-                                                                          vae.dtype or model.dtype))
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(images), DECODE_CHUNK):
-            pixels = images[start:start + DECODE_CHUNK].permute(0, 3, 1, 2).to(vae.load_device, vae.dtype) * 2 - 1
-            parts.append(model.vae.encode(pixels).latent_dist.mean.float().cpu() * model.scaling_factor)
-    latents = torch.cat(parts)
-    require_finite(latents, what="encoded input frames", likely_causes=(
-        f"NaN/inf in the input images, or an fp16 overflow in the VAE of {model.checkpoint_name} (try ComfyUI's "
-        "--fp32-vae)"))
-    return latents
 
 
 def unet_working_bytes(frames: int, height: int, width: int, dtype: torch.dtype, guided: bool) -> int:
@@ -357,8 +326,9 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     init = None if request.init_latents is None else request.init_latents.expand(
         request.frames, -1, -1, -1).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 4, F, h, w]; one image: every frame
     x = initial_latent(noise, sigmas[0], denoiser.parameterization, init=init).to(model.device)
-    memory.prepare([model.handle["unet"]], unet_working_bytes(request.frames, request.height, request.width,
-                                                              model.dtype, denoiser.guided))
+    per_pass = request.frames if request.context_schedule == "off" else min(request.frames, request.context_length)
+    memory.prepare([model.handle["unet"]], unet_working_bytes(per_pass, request.height, request.width, model.dtype,
+                                                              denoiser.guided))
     apply_motion_loras(model.handle["unet"], model.motion_loras)  # on the device the weights now live on
     apply_sd15_loras(model.handle["unet"], model.loras)
     with motion_scale(model.unet, request.motion_scale):
@@ -392,9 +362,15 @@ def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: 
     def forward(model_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return model.unet(model_input, timestep, encoder_hidden_states=context).sample
 
-    return Denoiser(
+    made: list[Denoiser] = []  # the window schedule shifts with the step: the denoiser's own count
+    if request.context_schedule != "off":
+        forward = windowed(forward, frames=frames, length=request.context_length, overlap=request.context_overlap,
+                           schedule=request.context_schedule, fuse=request.context_fuse,
+                           step_of=lambda: made[0].calls)
+    made.append(Denoiser(
         forward=forward, parameterization=epsilon_prediction(model.model_sigmas),
         positive=encode(request.prompt, request.positive_context),
         negative=lambda: encode(request.negative, request.negative_context), cfg=settings.cfg, join=join_contexts,
         model_dtype=model.dtype, progress=progress, expected_calls=expected_calls,
-    )
+    ))
+    return made[0]

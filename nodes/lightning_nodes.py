@@ -72,7 +72,8 @@ def _context(conditioning, name: str):
 
 
 def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale,
-            denoise=1.0, init_images=None, latent=None, positive_cond=None, negative_cond=None) -> NodeResult:
+            denoise=1.0, init_images=None, latent=None, positive_cond=None, negative_cond=None, context_schedule="off",
+            context_length=16, context_overlap=4, context_fuse="pyramid") -> NodeResult:
     import dataclasses
 
     from ..lightning.pipeline import GenerationRequest, generate, validate_request
@@ -81,7 +82,9 @@ def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, sc
                                 steps=steps, cfg=cfg, scheduler=scheduler, motion_scale=motion_scale,
                                 init_latents=None, denoise=denoise,
                                 positive_context=_context(positive_cond, "positive_cond"),
-                                negative_context=_context(negative_cond, "negative_cond"))
+                                negative_context=_context(negative_cond, "negative_cond"),
+                                context_schedule=context_schedule, context_length=context_length,
+                                context_overlap=context_overlap, context_fuse=context_fuse)
     progress = _comfy.progress_reporter(steps, latent_format="SD15")
     validate_request(model, dataclasses.replace(request, denoise=1.0))  # settings first, then the (long) encode
     request = dataclasses.replace(request, init_latents=_init_latents(model, init_images, latent, frames=frames,
@@ -162,8 +165,8 @@ SAMPLER = NodeSpec(
               {"multiline": True, "default": ""}),
         Param("seed", "INT", "Noise seed; noise is made on the CPU, so a seed gives the same video on any GPU.",
               {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
-        Param("frames", "INT", "16 is what AnimateDiff was trained on; the module's PE length caps it.",
-              {"default": 16, "min": 1, "max": 32}),
+        Param("frames", "INT", "16 is what AnimateDiff was trained on; above the module's PE length (32 for v2 and "
+              "Lightning) turn on context windows.", {"default": 16, "min": 1, "max": 1024}),
         Param("width", "INT", "512 is native for SD1.5.", {"default": 512, "min": 64, "max": 2048, "step": 8}),
         Param("height", "INT", "512 is native for SD1.5.", {"default": 512, "min": 64, "max": 2048, "step": 8}),
         Param("steps", "INT", "Must match the variant (4-step module: 4) unless the loader's policy is 'fill'.",
@@ -188,6 +191,15 @@ SAMPLER = NodeSpec(
               "weighting as ComfyUI does them) instead of the prompt text.", optional=True),
         Param("negative_cond", "CONDITIONING", "Optional: the negative from CLIPTextEncode (used when cfg > 1).",
               optional=True),
+        Param("context_schedule", "COMBO", "Context windows for long clips: standard (windows inside the clip) or "
+              "looped (windows wrap around: a looping video); off = one pass over all frames (at most the PE length).",
+              {"default": "off"}, choices=lambda: ["off", "standard", "looped"], optional=True),
+        Param("context_length", "INT", "Frames per window: 16, as AnimateDiff was trained.",
+              {"default": 16, "min": 1, "max": 32}, optional=True),
+        Param("context_overlap", "INT", "Frames shared by neighbouring windows (4 usual; more = smoother, slower).",
+              {"default": 4, "min": 0, "max": 31}, optional=True),
+        Param("context_fuse", "COMBO", "How overlapping windows are blended: pyramid (centre frames count more) or "
+              "flat.", {"default": "pyramid"}, choices=lambda: ["pyramid", "flat"], optional=True),
     ),
     outputs=(("IMAGE", "frames"), ("LATENT", "latent")),
     run=_sample,

@@ -302,3 +302,25 @@ def test_bad_video_to_video_inputs_are_typed_errors(lightning_model, overrides, 
     request = P.GenerationRequest(prompt="a fox", frames=4, width=64, height=64, steps=4, **overrides)
     with pytest.raises(InvalidSettingError, match=words):
         P.generate(lightning_model, request)
+
+
+def test_context_windows_make_clips_longer_than_the_pe(lightning_model):
+    from flipbook_pack.core.context_windows import uniform_standard
+
+    seen = []
+    hook = lightning_model.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[2]))
+    try:
+        request = P.GenerationRequest(prompt="a fox", seed=2, frames=40, width=64, height=64, steps=4,
+                                      context_schedule="standard", context_length=16, context_overlap=4)
+        result = P.generate(lightning_model, request)
+    finally:
+        hook.remove()
+    assert result.frames.shape == (40, 64, 64, 3) and torch.isfinite(result.frames).all()
+    assert seen == [16] * sum(len(uniform_standard(40, 16, 4, step)) for step in range(4))
+    short = dict(prompt="a fox", seed=2, frames=8, width=64, height=64, steps=4)
+    torch.testing.assert_close(P.generate(lightning_model, P.GenerationRequest(**short, context_schedule="looped")).frames,
+                               P.generate(lightning_model, P.GenerationRequest(**short)).frames, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InvalidSettingError, match="turn on context windows"):
+        P.generate(lightning_model, P.GenerationRequest(prompt="a fox", frames=40, width=64, height=64, steps=4))
+    with pytest.raises(InvalidSettingError, match="context_length=40"):
+        P.generate(lightning_model, dataclasses.replace(request, context_length=40))
