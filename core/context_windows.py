@@ -84,6 +84,21 @@ def fuse_weights(method: str, length: int) -> torch.Tensor:
     raise InvalidSettingError(f"fuse {method!r}: choose one of {', '.join(FUSE_METHODS)}.")
 
 
+def freenoise(noise: torch.Tensor, *, length: int, overlap: int, seed: int) -> torch.Tensor:
+    """FreeNoise (Qiu et al. 2023) as AnimateDiff-Evolved shuffles it (sample_settings._convert_to_freenoise): with
+    delta = length - overlap, for window starts s = 0, delta, 2 delta, ... below frames - length, frames
+    [s + length, s + length + delta) become a permutation of frames [s, s + delta), in order (later blocks copy
+    already shuffled ones), so every window starts from the same noise in another order. [B, C, F, h, w]."""
+    out = noise.clone()
+    frames, delta = noise.shape[2], length - overlap
+    generator = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    for start in range(0, max(frames - length, 0), delta):
+        target = range(start + length, min(start + length + delta, frames))
+        order = torch.randperm(delta, generator=generator)[: len(target)]
+        out[:, :, list(target)] = out[:, :, [start + int(i) for i in order]]
+    return out
+
+
 WINDOW_SCHEDULES = MappingProxyType({"standard": uniform_standard, "looped": uniform_looped})
 
 

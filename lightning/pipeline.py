@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from ..core.checkpoints import file_fingerprint, load_state_dict, shared_reads
-from ..core.context_windows import windowed
+from ..core.context_windows import freenoise, windowed
 from ..core.denoisers import Denoiser, epsilon_prediction, initial_latent, uses_negative
 from ..core.devices import compute_dtype, resolve_device
 from ..core.errors import IncompatibleModelsError, InvalidSettingError, SettingsMismatchError, UnsupportedCheckpointError
@@ -232,6 +232,7 @@ class GenerationRequest:
     context_length: int = 16
     context_overlap: int = 4
     context_fuse: str = "pyramid"
+    freenoise: bool = False  # with context windows: windows start from shuffled copies of the same noise
     positive_context: Optional[torch.Tensor] = None  # [1, tokens, 768] from ComfyUI's CLIPTextEncode: replaces prompt
     negative_context: Optional[torch.Tensor] = None  # likewise for negative
 
@@ -323,6 +324,8 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     denoiser = _make_denoiser(model, request, settings, progress=(lambda done, _n: progress(done, total))
                               if progress else None, expected_calls=steps_run)
     noise = seeded_noise((1, 4, request.frames, request.height // 8, request.width // 8), request.seed)
+    if request.freenoise and request.context_schedule != "off":
+        noise = freenoise(noise, length=request.context_length, overlap=request.context_overlap, seed=request.seed)
     init = None if request.init_latents is None else request.init_latents.expand(
         request.frames, -1, -1, -1).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 4, F, h, w]; one image: every frame
     x = initial_latent(noise, sigmas[0], denoiser.parameterization, init=init).to(model.device)

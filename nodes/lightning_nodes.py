@@ -73,7 +73,7 @@ def _context(conditioning, name: str):
 
 def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale,
             denoise=1.0, init_images=None, latent=None, positive_cond=None, negative_cond=None, context_schedule="off",
-            context_length=16, context_overlap=4, context_fuse="pyramid") -> NodeResult:
+            context_length=16, context_overlap=4, context_fuse="pyramid", freenoise=False) -> NodeResult:
     import dataclasses
 
     from ..lightning.pipeline import GenerationRequest, generate, validate_request
@@ -84,7 +84,7 @@ def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, sc
                                 positive_context=_context(positive_cond, "positive_cond"),
                                 negative_context=_context(negative_cond, "negative_cond"),
                                 context_schedule=context_schedule, context_length=context_length,
-                                context_overlap=context_overlap, context_fuse=context_fuse)
+                                context_overlap=context_overlap, context_fuse=context_fuse, freenoise=freenoise)
     progress = _comfy.progress_reporter(steps, latent_format="SD15")
     validate_request(model, dataclasses.replace(request, denoise=1.0))  # settings first, then the (long) encode
     request = dataclasses.replace(request, init_latents=_init_latents(model, init_images, latent, frames=frames,
@@ -200,6 +200,8 @@ SAMPLER = NodeSpec(
               {"default": 4, "min": 0, "max": 31}, optional=True),
         Param("context_fuse", "COMBO", "How overlapping windows are blended: pyramid (centre frames count more) or "
               "flat.", {"default": "pyramid"}, choices=lambda: ["pyramid", "flat"], optional=True),
+        Param("freenoise", "BOOLEAN", "With context windows: start every window from shuffled copies of the same noise "
+              "(FreeNoise), for one consistent scene over a long clip.", {"default": False}, optional=True),
     ),
     outputs=(("IMAGE", "frames"), ("LATENT", "latent")),
     run=_sample,

@@ -85,3 +85,20 @@ def test_bad_overlap_is_refused():
 
     with pytest.raises(InvalidSettingError, match="overlap 16"):
         C.uniform_standard(32, 16, 16, 0)
+
+
+def test_freenoise_shuffles_blocks_as_ade():
+    """40 frames, length 16, overlap 4 (lightning-breadth.md 4.3, verified on ADE): frames 16-27 are a permutation of
+    frames 0-11, frames 28-39 a permutation of (the already shuffled) frames 12-23."""
+    noise = torch.randn(1, 4, 40, 2, 2)
+    out = C.freenoise(noise, length=16, overlap=4, seed=7)
+    assert torch.equal(out[:, :, :16], noise[:, :, :16])
+
+    def is_permutation(block, source):
+        matches = [[torch.equal(block[:, :, i], source[:, :, j]) for j in range(source.shape[2])]
+                   for i in range(block.shape[2])]
+        return all(sum(row) == 1 for row in matches) and all(sum(col) == 1 for col in zip(*matches))
+
+    assert is_permutation(out[:, :, 16:28], noise[:, :, 0:12])
+    assert is_permutation(out[:, :, 28:40], out[:, :, 12:24])
+    assert torch.equal(C.freenoise(noise, length=16, overlap=4, seed=7), out)  # the seed decides the order

@@ -324,3 +324,12 @@ def test_context_windows_make_clips_longer_than_the_pe(lightning_model):
         P.generate(lightning_model, P.GenerationRequest(prompt="a fox", frames=40, width=64, height=64, steps=4))
     with pytest.raises(InvalidSettingError, match="context_length=40"):
         P.generate(lightning_model, dataclasses.replace(request, context_length=40))
+
+
+def test_freenoise_changes_only_the_noise_of_later_windows(lightning_model):
+    request = P.GenerationRequest(prompt="a fox", seed=2, frames=36, width=64, height=64, steps=2, scheduler="trailing",
+                                  context_schedule="standard")
+    lightning_model_2 = dataclasses.replace(lightning_model, variant=P.V.VARIANTS["lightning_2step"])  # 2 steps: faster
+    plain = P.generate(lightning_model_2, request).frames
+    shuffled = P.generate(lightning_model_2, dataclasses.replace(request, freenoise=True)).frames
+    assert shuffled.shape == plain.shape and (shuffled - plain).abs().max() > 1e-4
