@@ -7,6 +7,7 @@ state dict; `clear_factors` drops them, after which the layer computes exactly a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -66,3 +67,58 @@ def clear_factors(layer: torch.nn.Module) -> None:
     for name in FACTOR_BUFFERS:
         if name in layer._buffers:
             layer._buffers[name] = None
+
+
+@dataclass
+class StackState:
+    """What a LoRA stack changed in one network: the layers carrying factors and the originals of the tensors
+    merged in place (on the CPU), for the component read it applies to (a re-read of the weights starts clean)."""
+
+    key: tuple
+    reads: int
+    factor_layers: list = field(default_factory=list)
+    originals: dict = field(default_factory=dict)  # tensor name -> its value before the stack
+
+    def keep_original(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.originals:
+            self.originals[name] = tensor.detach().to("cpu", copy=True)
+
+    def restore(self, module: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for layer in self.factor_layers:
+                clear_factors(layer)
+            for name, original in self.originals.items():
+                owner, _, leaf = name.rpartition(".")
+                getattr(module.get_submodule(owner) if owner else module, leaf).data.copy_(original)
+
+
+    def undo(self, module: torch.nn.Module, attr: str) -> None:
+        """Restore and detach (after a failure part-way: the module carries no stack)."""
+        self.restore(module)
+        setattr(module, attr, None)
+
+
+def stack_key(stack) -> tuple:
+    """A stack's identity: (file, its fingerprint, strength) per LoRA, in order."""
+    return tuple((lora.path, lora.fingerprint, float(strength)) for lora, strength in stack)
+
+
+def begin_stack(module: torch.nn.Module, *, reads: int, stack, attr: str) -> Optional[StackState]:
+    """None when `module` already carries `stack` (nothing to do); else the previous stack undone and a fresh state
+    attached before any change, so a failure part-way can be undone with `state.restore`."""
+    key = stack_key(stack)
+    state: Optional[StackState] = getattr(module, attr, None)
+    if state is not None and state.reads == reads:
+        if state.key == key:
+            return None
+        state.restore(module)
+    state = StackState(key=key, reads=reads)
+    setattr(module, attr, state)
+    return state
+
+
+def forget_stack(module: torch.nn.Module, attr: str) -> None:
+    """After the weights were read from the files again: no factors anywhere, nothing to restore."""
+    for layer in module.modules():
+        clear_factors(layer)
+    setattr(module, attr, None)

@@ -18,7 +18,7 @@ import torch
 
 from ..core.checkpoints import file_fingerprint, load_state_dict
 from ..core.errors import IncompatibleModelsError, UnsupportedCheckpointError
-from ..core.lora_factors import clear_factors, set_factors
+from ..core.lora_factors import begin_stack, forget_stack, set_factors
 from ..core.model_handle import Component
 
 DEFAULT_STRENGTH = 0.75  # the AnimateDiff-Lightning card: 0.7-0.8 "to avoid watermark"
@@ -86,47 +86,38 @@ def read_motion_lora(path: str | Path, *, unet: torch.nn.Module, version: str, m
     return MotionLora(name=path.name, path=path, fingerprint=fingerprint, pairs=pairs)
 
 
-@dataclass
-class _State:
-    key: tuple
-    reads: int
-    layers: list = field(default_factory=list)
-
-
 def apply_motion_loras(component: Component, stack: Sequence[tuple[MotionLora, float]]) -> None:
     """The UNet carries exactly `stack` (0 strength is off, empty restores the module as loaded)."""
     module = component.module
-    key = tuple((lora.path, lora.fingerprint, float(s)) for lora, s in stack)
-    state: Optional[_State] = getattr(module, STATE_ATTR, None)
-    if state is not None and state.reads == component.reads and state.key == key:
+    state = begin_stack(module, reads=component.reads, stack=stack, attr=STATE_ATTR)
+    if state is None:
         return
-    if state is not None and state.reads == component.reads:
-        for layer in state.layers:
-            clear_factors(layer)
-    state = _State(key=key, reads=component.reads)
-    setattr(module, STATE_ATTR, state)
     by_name: dict[str, list] = {}
     for lora, strength in stack:
         for name, pair in lora.pairs.items():
             if strength:
                 by_name.setdefault(name, []).append((pair, float(strength)))
-    with torch.no_grad():
-        for name, entries in by_name.items():
-            layer = module.get_submodule(name.rpartition(".")[0])
-            device, dtype = layer.weight.device, layer.weight.dtype
-            up = torch.cat([u.to(device, torch.float32) * s for (u, _), s in entries], dim=1)
-            down = torch.cat([d.to(device, torch.float32) for (_, d), _ in entries], dim=0)
-            set_factors(layer, up=up, down=down, dense=None, dtype=dtype)
-            state.layers.append(layer)
+    try:
+        with torch.no_grad():
+            for name, entries in by_name.items():
+                layer = module.get_submodule(name.rpartition(".")[0])
+                device, dtype = layer.weight.device, layer.weight.dtype
+                up = torch.cat([u.to(device, torch.float32) * s for (u, _), s in entries], dim=1)
+                down = torch.cat([d.to(device, torch.float32) for (_, d), _ in entries], dim=0)
+                set_factors(layer, up=up, down=down, dense=None, dtype=dtype)
+                state.factor_layers.append(layer)
+    except BaseException:
+        state.undo(module, STATE_ATTR)
+        raise
 
 
 def clear_motion_loras(unet: torch.nn.Module) -> None:
     """Weights read from the files again (`Component.finish`): LoRA factors of an earlier read are gone (motion
     LoRAs and image LoRAs alike)."""
-    from .sd15_lora import clear_sd15_loras
+    from .sd15_lora import STATE_ATTR as IMAGE_LORA_STATE
 
-    clear_sd15_loras(unet)
-    setattr(unet, STATE_ATTR, None)
+    forget_stack(unet, IMAGE_LORA_STATE)
+    forget_stack(unet, STATE_ATTR)
 
 
 def with_motion_lora(model, path: str | Path, *, strength: float):

@@ -18,7 +18,7 @@ import torch
 
 from ..core.checkpoints import file_fingerprint, load_state_dict
 from ..core.errors import IncompatibleModelsError, UnsupportedCheckpointError
-from ..core.lora_factors import clear_factors, set_factors
+from ..core.lora_factors import StackState, begin_stack, forget_stack, set_factors
 from ..core.model_handle import Component
 
 PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
@@ -134,25 +134,12 @@ def read_sd15_lora(path: str | Path, *, unet: torch.nn.Module, text_encoder: tor
     return SD15Lora(name=path.name, path=path, fingerprint=fingerprint, pairs=pairs)
 
 
-@dataclass
-class _State:
-    key: tuple
-    reads: int
-    layers: list = field(default_factory=list)
-    originals: dict = field(default_factory=dict)  # module name -> CPU copy of the conv weight
-
-
 def apply_sd15_loras(component: Component, stack: Sequence[tuple[SD15Lora, float]]) -> None:
     """The component ("unet" or "text_encoder") carries exactly this stack's pairs for it."""
     module, name = component.module, component.name
-    key = tuple((lora.path, lora.fingerprint, float(s)) for lora, s in stack)
-    state: Optional[_State] = getattr(module, STATE_ATTR, None)
-    if state is not None and state.reads == component.reads and state.key == key:
+    state = begin_stack(module, reads=component.reads, stack=stack, attr=STATE_ATTR)
+    if state is None:
         return
-    if state is not None and state.reads == component.reads:
-        _restore(module, state)
-    state = _State(key=key, reads=component.reads)
-    setattr(module, STATE_ATTR, state)
     by_target: dict[str, list] = {}
     for lora, strength in stack:
         for (part, target), pair in lora.pairs.items():
@@ -163,11 +150,11 @@ def apply_sd15_loras(component: Component, stack: Sequence[tuple[SD15Lora, float
             for target, entries in by_target.items():
                 _apply_one(module, target, entries, state)
     except BaseException:
-        _restore(module, state)
+        state.undo(module, STATE_ATTR)
         raise
 
 
-def _apply_one(module: torch.nn.Module, target: str, entries: list, state: _State) -> None:
+def _apply_one(module: torch.nn.Module, target: str, entries: list, state: StackState) -> None:
     layer = module.get_submodule(target)
     weight = layer.weight
     device = weight.device
@@ -175,20 +162,11 @@ def _apply_one(module: torch.nn.Module, target: str, entries: list, state: _Stat
     downs = [d.flatten(1).to(device, torch.float32) for (_, d, _), _ in entries]
     if isinstance(layer, torch.nn.Linear):
         set_factors(layer, up=torch.cat(ups, dim=1), down=torch.cat(downs, dim=0), dense=None, dtype=weight.dtype)
-        state.layers.append(layer)
+        state.factor_layers.append(layer)
         return
-    state.originals.setdefault(target, weight.detach().to("cpu", copy=True))
+    state.keep_original(target + ".weight", weight)
     delta = sum(u @ d for u, d in zip(ups, downs)).reshape(weight.shape)
     weight.data.copy_((weight.detach().float() + delta).to(weight.dtype))
-
-
-def _restore(module: torch.nn.Module, state: _State) -> None:
-    with torch.no_grad():
-        for layer in state.layers:
-            clear_factors(layer)
-        for target, original in state.originals.items():
-            module.get_submodule(target).weight.data.copy_(original)
-    setattr(module, STATE_ATTR, None)
 
 
 def stack_note(stack: Sequence[tuple[SD15Lora, float]]) -> Optional[str]:
@@ -201,9 +179,7 @@ def stack_note(stack: Sequence[tuple[SD15Lora, float]]) -> Optional[str]:
 
 def clear_sd15_loras(module: torch.nn.Module) -> None:
     """Weights read from the files again: LoRA factors and kept originals of an earlier read are void."""
-    for layer in module.modules():
-        clear_factors(layer)
-    setattr(module, STATE_ATTR, None)
+    forget_stack(module, STATE_ATTR)
 
 
 def with_sd15_lora(model, path: str | Path, *, strength: float):

@@ -15,12 +15,11 @@ Two ways, chosen per tensor:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from ..core.lora_factors import clear_factors, set_factors
+from ..core.lora_factors import StackState, begin_stack, forget_stack, set_factors
 from ..core.model_handle import FP8_DTYPES, Component, tensor_bytes
 from .loras import Patch, WanLora
 from .transformer import diffusers_names
@@ -29,40 +28,18 @@ log = logging.getLogger(__name__)
 STATE_ATTR = "_flipbook_lora_state"
 
 
-@dataclass
-class LoraState:
-    """What is applied to one transformer: the stack's identity, the layers carrying factors, the originals
-    of the tensors changed in place, and the component read it applies to (a re-read starts clean)."""
-
-    key: tuple
-    reads: int
-    factor_layers: list[torch.nn.Module] = field(default_factory=list)
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # diffusers name -> original (CPU)
-
-
-def stack_key(stack: Sequence[tuple[WanLora, float]]) -> tuple:
-    return tuple((lora.path, lora.fingerprint, float(strength)) for lora, strength in stack)
-
-
 def clear_patches(module: torch.nn.Module) -> None:
     """After the weights were read from the file again: no factors, nothing to restore (`Component.finish`)."""
-    for layer in module.modules():
-        clear_factors(layer)
-    setattr(module, STATE_ATTR, None)
+    forget_stack(module, STATE_ATTR)
 
 
-def apply_lora_stack(component: Component, stack: Sequence[tuple[WanLora, float]]) -> LoraState:
+def apply_lora_stack(component: Component, stack: Sequence[tuple[WanLora, float]]) -> None:
     """Make the transformer carry exactly `stack` (strength per LoRA; 0 is off; an empty stack restores the base).
     All or nothing: if applying fails (e.g. out of memory), the base is restored before the error goes on."""
     module = component.module
-    key = stack_key(stack)
-    state: Optional[LoraState] = getattr(module, STATE_ATTR, None)
-    if state is not None and state.reads == component.reads and state.key == key:
-        return state
-    if state is not None and state.reads == component.reads:
-        _restore(module, state)
-    state = LoraState(key=key, reads=component.reads)
-    setattr(module, STATE_ATTR, state)  # before any change, so a failure part-way can be undone
+    state = begin_stack(module, reads=component.reads, stack=stack, attr=STATE_ATTR)
+    if state is None:
+        return
     compute = component.dtype or torch.float32
     try:
         forward_terms, in_place = _by_target(module, [(lora, s) for lora, s in stack if s != 0])
@@ -73,12 +50,11 @@ def apply_lora_stack(component: Component, stack: Sequence[tuple[WanLora, float]
             for target, entries in in_place.items():
                 _merge_in_place(module, names[target], entries, state)
     except BaseException:
-        _restore(module, state)
+        state.undo(module, STATE_ATTR)
         raise
     component.size_bytes = tensor_bytes(module)  # the factors are the component's memory too
     log.info("LoRA stack applied: %d layers with factors, %d tensors merged", len(state.factor_layers),
              len(state.originals))
-    return state
 
 
 def _by_target(module: torch.nn.Module, stack: Sequence[tuple[WanLora, float]]):
@@ -102,7 +78,7 @@ def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (module.get_submodule(owner_name) if owner_name else module), leaf
 
 
-def _attach(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float]], state: LoraState,
+def _attach(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float]], state: StackState,
             compute: torch.dtype) -> None:
     layer, _ = _owner(module, name)
     if not isinstance(layer, torch.nn.Linear):
@@ -127,11 +103,10 @@ def _attach(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float
 
 
 def _merge_in_place(module: torch.nn.Module, name: str, entries: list[tuple[Patch, float]],
-                    state: LoraState) -> None:
+                    state: StackState) -> None:
     owner, leaf = _owner(module, name)
     tensor = getattr(owner, leaf)
-    if name not in state.originals:
-        state.originals[name] = tensor.detach().to("cpu", copy=True)
+    state.keep_original(name, tensor)
     value = tensor.detach().float()
     for patch, strength in entries:
         if patch.kind == "set":  # replaces the weight, whatever the strength (ComfyUI's set_weight)
@@ -143,13 +118,3 @@ def _merge_in_place(module: torch.nn.Module, name: str, entries: list[tuple[Patc
         else:
             value += strength * patch.factor * patch.delta.to(value.device, torch.float32).reshape(value.shape)
     tensor.data.copy_(value.to(tensor.dtype))
-
-
-def _restore(module: torch.nn.Module, state: LoraState) -> None:
-    with torch.no_grad():
-        for layer in state.factor_layers:
-            clear_factors(layer)
-        for name, original in state.originals.items():
-            owner, leaf = _owner(module, name)
-            getattr(owner, leaf).data.copy_(original)
-    setattr(module, STATE_ATTR, None)
