@@ -208,6 +208,10 @@ def demo_models(tmp_path_factory):
     ("FlipbookLightningSampler.negative=null", "negative=None is not text"),
     ("FlipbookSaveVideo.crf=abc", "crf='abc' is not a number"),
     ("FlipbookSaveVideo.fps=Infinity", "fps=inf"),
+    ("FlipbookLightningSampler.frames=40", "turn on context windows"),
+    ("FlipbookLightningSampler.denoise=0.5", "needs input frames"),
+    ("FlipbookLightningSampler.denoise=0.1", "runs no step"),
+    ("FlipbookLightningSampler.context_fuse=gauss", "context_fuse='gauss' is not one of"),
 ])
 def test_bad_inputs_on_the_demo_models_are_one_line_and_write_nothing(demo_models, tmp_path, capsys, override,
                                                                       match):
