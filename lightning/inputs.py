@@ -28,13 +28,25 @@ def check_init(request) -> None:
 
 
 def check_contexts(model, request) -> None:
-    width = model.unet.config.cross_attention_dim
     for name, context in (("positive", request.positive_context), ("negative", request.negative_context)):
-        if context is not None and (context.ndim != 3 or context.shape[0] != 1 or context.shape[-1] != width):
-            raise InvalidSettingError(
-                f"The {name} CONDITIONING is {tuple(context.shape)}, but {model.checkpoint_name} reads "
-                f"[1, tokens, {width}] (SD1.5's CLIP; SDXL's is 2048 wide, SD2's 1024). Encode the prompt with "
-                "CLIPTextEncode on the CLIP of this SD1.5 checkpoint.")
+        if context is not None:
+            _check_context(model, context, what=f"The {name} CONDITIONING",
+                           fix="Encode the prompt with CLIPTextEncode on the CLIP of this SD1.5 checkpoint.")
+
+
+def check_host_context(model, context: torch.Tensor) -> torch.Tensor:
+    """The embeddings the host's CLIP gave for a prompt, checked like a CONDITIONING."""
+    return _check_context(model, context, what="The CLIP input's prompt embedding",
+                          fix="Connect the CLIP of an SD1.5 checkpoint (Load Checkpoint's CLIP output).")
+
+
+def _check_context(model, context: torch.Tensor, *, what: str, fix: str) -> torch.Tensor:
+    width = model.unet.config.cross_attention_dim
+    if context.ndim != 3 or context.shape[0] != 1 or context.shape[-1] != width:
+        raise InvalidSettingError(
+            f"{what} is {tuple(context.shape)}, but {model.checkpoint_name} reads [1, tokens, {width}] (SD1.5's "
+            f"CLIP; SDXL's is 2048 wide, SD2's 1024). {fix}")
+    return context
 
 
 def encode_frames(model, images: torch.Tensor, memory: Optional[MemoryPolicy] = None) -> torch.Tensor:

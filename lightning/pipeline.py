@@ -28,8 +28,9 @@ from ..core.vae import decode_latents
 from . import variants as V
 from .motion_module import (MotionModuleInfo, adapter_config, inspect_motion_module, motion_attention_key_projections,  # noqa: F401
                             motion_scale, motion_weights)
-from .inputs import check_contexts, check_init, encode_frames  # noqa: F401  (encode_frames: for the nodes)
+from .inputs import check_contexts, check_host_context, check_init, encode_frames  # noqa: F401  (encode_frames: for the nodes)
 from .motion_lora import apply_motion_loras
+from .host_parts import HostParts, combined_layout
 from .sd15_checkpoint import inspect_sd15_checkpoint, text_encoder_component, unet_weights, vae_component
 from .sd15_lora import apply_sd15_loras, stack_note
 from .text import load_tokenizer
@@ -54,6 +55,8 @@ class LightningModel:
     device: torch.device  # where the UNet computes (the sampling loop's device)
     dtype: torch.dtype  # the UNet's dtype
     notes: tuple[str, ...] = ()  # what loading noticed (e.g. variant vs file name), shown on the node
+    # the host's text encoder (ComfyUI's CLIP): prompt -> [1, tokens, 768]; None: the checkpoint's, in the handle
+    encode_text: Optional[Callable[[str], torch.Tensor]] = None
     motion_loras: tuple = ()  # (MotionLora, strength), applied when sampling; the loaded weights are shared
     loras: tuple = ()  # (SD15Lora, strength): image LoRAs on the UNet and text encoder, likewise
 
@@ -66,8 +69,8 @@ class LightningModel:
         return self.handle["vae"].module
 
     @property
-    def text_encoder(self) -> torch.nn.Module:
-        return self.handle["text_encoder"].module
+    def text_encoder(self) -> Optional[torch.nn.Module]:
+        return None if self.encode_text is not None else self.handle["text_encoder"].module
 
     def __repr__(self) -> str:
         # ComfyUI prints node inputs in its error reports: keep it to one readable line
@@ -121,7 +124,7 @@ Placement = tuple[torch.device, torch.device, torch.dtype]  # (compute device, o
 
 
 def load_lightning(
-    checkpoint_path: str | Path,
+    checkpoint_path: Optional[str | Path],
     motion_path: str | Path,
     *,
     variant_id: str = V.AUTO,
@@ -130,39 +133,47 @@ def load_lightning(
     tokenizer_dir: Optional[str | Path] = None,
     dtype: Optional[torch.dtype] = None,
     placements: Optional[Mapping[str, Placement]] = None,
+    host: Optional[HostParts] = None,
 ) -> LightningModel:
     """Load checkpoint + motion module, checking they fit together before the big load.
 
     Weights are read (memory-mapped) onto the CPU; the memory policy (ComfyUI's inside ComfyUI) moves
     them to each component's compute device when a stage needs them. `placements` maps component names
     ("text_encoder", "unet", "vae") to (compute device, offload device, dtype), as ComfyUI decides
-    them; by default all compute on `device` in `dtype` and wait on the CPU.
+    them; by default all compute on `device` in `dtype` and wait on the CPU. `host`: networks the host hands over
+    (ComfyUI's MODEL / VAE with their patches, its CLIP) in place of the checkpoint's.
     """
     if policy not in V.POLICIES:
         raise InvalidSettingError(f"Unknown policy {policy!r}; choose one of {V.POLICIES}.")
-    motion_path, checkpoint_path = Path(motion_path), Path(checkpoint_path)
+    motion_path = Path(motion_path)
+    checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
     with shared_reads():  # each file is read (a .ckpt unpickled) once for every check and network
-        info = _check_motion_module(motion_path, checkpoint_path.name)
+        layout = (inspect_sd15_checkpoint(checkpoint_path) if host is None or not host.given
+                  else combined_layout(checkpoint_path, host))
+        info = _check_motion_module(motion_path, layout.name)
         variant, notes = resolve_variant(variant_id, motion_path.name, info, motion_path.stat().st_size)
         torch_device = resolve_device(device)
         dtype = dtype or compute_dtype(torch_device)
-        layout = inspect_sd15_checkpoint(checkpoint_path)
-        _check_widths(layout, info, checkpoint_path.name, motion_path.name)
+        _check_widths(layout, info, layout.name, motion_path.name)
 
         def place(name: str) -> dict:
             load, offload, its_dtype = (placements or {}).get(name, (torch_device, torch.device("cpu"), dtype))
             return dict(load_device=torch.device(load), offload_device=torch.device(offload), dtype=its_dtype)
 
         unet_place = place("unet")
-        components = (text_encoder_component(layout, **place("text_encoder")),
+        encode_text = host.encode_text if host is not None else None
+        components = (*([] if encode_text else [text_encoder_component(layout, **place("text_encoder"))]),
                       _motion_unet_component(layout, motion_path, info, **unet_place),
                       vae_component(layout, **place("vae")))
         for component in components:
             # onto the CPU: the memory policy (or ComfyUI, after making room) moves them to their device
             component.materialize(torch.device("cpu"))
+    if host is not None and len(host.given) == 3 and checkpoint_path is not None:
+        notes = (*notes, f"{checkpoint_path.name} was not read: MODEL, CLIP and VAE are connected")
     return LightningModel(
-        checkpoint_name=checkpoint_path.name, motion_name=motion_path.name,
-        handle=ModelHandle({c.name: c for c in components}), tokenizer=load_tokenizer(tokenizer_dir),
+        checkpoint_name=layout.name, motion_name=motion_path.name, encode_text=encode_text,
+        handle=ModelHandle({c.name: c for c in components}),
+        tokenizer=None if encode_text else load_tokenizer(tokenizer_dir),
         scaling_factor=layout.scaling_factor, motion=info, variant=variant, policy=policy,
         model_sigmas=discrete_sigmas(variant.beta_schedule, variant.beta_start, variant.beta_end),
         device=unet_place["load_device"], dtype=unet_place["dtype"], notes=notes,
@@ -277,7 +288,7 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
     if not low <= request.motion_scale <= high:
         raise InvalidSettingError(f"motion_scale={request.motion_scale}: use {low}-{high} (1.0 = as trained).")
     texts = [request.prompt] + ([request.negative] if uses_negative(checked.settings.cfg) else [])
-    skipped = [name for text in texts for name in embedding_names(text)]
+    skipped = [] if model.encode_text else [name for text in texts for name in embedding_names(text)]
     if skipped:
         note = (f"textual-inversion embeddings are not supported yet and were left out of the prompt: "
                 f"{', '.join(skipped)}")
@@ -317,8 +328,9 @@ def generate(model: LightningModel, request: GenerationRequest, progress: Option
     steps_run = len(sigmas) - 1
     decode_chunks = -(-request.frames // DECODE_CHUNK)
     total = steps_run + decode_chunks
-    memory.prepare([model.handle["text_encoder"]])
-    apply_sd15_loras(model.handle["text_encoder"], model.loras)  # before the prompt is encoded
+    if model.encode_text is None:  # else the host's CLIP encodes (and manages its own memory)
+        memory.prepare([model.handle["text_encoder"]])
+        apply_sd15_loras(model.handle["text_encoder"], model.loras)  # before the prompt is encoded
     if (note := stack_note(model.loras)) is not None:
         notes.append(note)
     denoiser = _make_denoiser(model, request, settings, progress=(lambda done, _n: progress(done, total))
@@ -355,11 +367,15 @@ def _make_denoiser(model: LightningModel, request: GenerationRequest, settings: 
     """The motion UNet as an epsilon-prediction denoiser; frames ride in the batch, so each prompt's
     context is repeated per frame (diffusers UNetMotionModel takes [batch * frames, tokens, dim])."""
     frames = request.frames
-    text_device = model.handle["text_encoder"].load_device
 
     def encode(text: str, given: Optional[torch.Tensor] = None) -> torch.Tensor:
-        context = given if given is not None else encode_weighted(model.tokenizer, model.text_encoder, text,
-                                                                  text_device)
+        if given is not None:
+            context = given
+        elif model.encode_text is not None:
+            context = check_host_context(model, model.encode_text(text))
+        else:
+            context = encode_weighted(model.tokenizer, model.text_encoder, text,
+                                      model.handle["text_encoder"].load_device)
         return context.to(model.device, model.dtype).repeat_interleave(frames, 0)
 
     def forward(model_input: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -31,52 +31,64 @@ CLIP_HEAD_DIM = 64  # CLIP ViT-L/14 text heads are 64 wide (768 / 12)
 
 @dataclass(frozen=True)
 class SD15Layout:
-    """What the file's tensors say about its architecture, read before any weight is loaded."""
+    """What the tensors say about the architecture, read before any weight is loaded."""
 
-    path: Path
-    fingerprint: tuple[int, int]  # size and mtime when inspected: re-reads refuse a changed file
+    name: str  # the file's name, or what the host handed over ("the MODEL input")
+    # read(prefix): the tensors under that LDM prefix, as they are to be loaded (a changed file is refused)
+    read: Callable[[str], Mapping[str, torch.Tensor]]
     original_config: dict[str, Any]  # LDM config (v1-inference with sizes from the shapes)
     unet_config: dict[str, Any]  # diffusers UNet2DConditionModel config
     vae_config: dict[str, Any]  # diffusers AutoencoderKL config
-    text_config: dict[str, Any]  # transformers CLIPTextConfig values
+    text_config: Optional[dict[str, Any]]  # transformers CLIPTextConfig values; None: the host encodes the prompt
     scaling_factor: float
 
 
 def inspect_sd15_checkpoint(path: str | Path) -> SD15Layout:
     """Check the file is a plain SD1.5 checkpoint and read its architecture from the tensor shapes."""
-    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
-
     path = Path(path)
     fingerprint = file_fingerprint(path)
     state = load_state_dict(path)  # memory-mapped: only the shapes are read here
     family = detect_base_family(state)
     if family != "sd15":
-        raise UnsupportedCheckpointError(_family_message(path.name, family))
-    _check_parts(path.name, state)
+        raise UnsupportedCheckpointError(family_message(path.name, family))
+
+    def read(prefix: str) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in load_state_dict(path, expect=fingerprint).items() if k.startswith(prefix)}
+
+    return inspect_sd15_state(path.name, state, read=read)
+
+
+def inspect_sd15_state(name: str, state: Mapping[str, torch.Tensor], *,
+                       read: Callable[[str], Mapping[str, torch.Tensor]], with_text_encoder: bool = True) -> SD15Layout:
+    """The layout of LDM-named SD1.5 tensors (a file's, or the networks a host such as ComfyUI hands over);
+    `state` gives the shapes, `read` the weights to load. Without the text encoder, the host encodes prompts."""
+    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+
+    _check_parts(name, state)
     try:
         original = infer_original_config(state)
-        text_config = _text_config(state)
+        text_config = _text_config(state) if with_text_encoder else None
     except (KeyError, StopIteration) as exc:
         raise UnsupportedCheckpointError(
-            f"{path.name} lacks tensors every SD1.5 checkpoint has (e.g. {exc}); it may be pruned or damaged. "
+            f"{name} lacks tensors every SD1.5 checkpoint has (e.g. {exc}); it may be pruned or damaged. "
             "Download the checkpoint again or use another SD1.5 checkpoint."
         ) from None
     context = original["model"]["params"]["unet_config"]["params"]["context_dim"]
-    if context != text_config["hidden_size"]:
+    if text_config is not None and context != text_config["hidden_size"]:
         raise UnsupportedCheckpointError(
-            f"{path.name}: its UNet's cross-attention expects {context}-wide text embeddings, but its text encoder "
+            f"{name}: its UNet's cross-attention expects {context}-wide text embeddings, but its text encoder "
             f"gives {text_config['hidden_size']} (SD1.5 uses 768 for both). The file mixes parts of different "
             "models; use an unmodified SD1.5 checkpoint."
         )
     channels = original["model"]["params"]["unet_config"]["params"]["in_channels"]
     if channels != 4:
         raise UnsupportedCheckpointError(
-            f"{path.name} is an SD1.5 {'inpainting' if channels == 9 else 'special-purpose'} model ({channels} input "
+            f"{name} is an SD1.5 {'inpainting' if channels == 9 else 'special-purpose'} model ({channels} input "
             "channels); text-to-animation needs a plain SD1.5 checkpoint (4 input channels)."
         )
     return SD15Layout(
-        path=path, fingerprint=fingerprint, original_config=original,
+        name=name, read=read, original_config=original,
         unet_config=create_unet_diffusers_config_from_ldm(original, state),
         vae_config=create_vae_diffusers_config_from_ldm(original, state),
         text_config=text_config,
@@ -92,7 +104,7 @@ def _check_parts(name: str, state: Mapping[str, torch.Tensor]) -> None:
         )
 
 
-def _family_message(name: str, family: str) -> str:
+def family_message(name: str, family: str) -> str:
     if family == "unknown":
         return (
             f"{name} is not a Stable Diffusion 1.5 single-file checkpoint: it has no "
@@ -188,17 +200,17 @@ def unet_weights(layout: SD15Layout) -> dict[str, torch.Tensor]:
     """The UNet's tensors under diffusers UNet2DConditionModel names (diffusers' LDM converter)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    return convert_ldm_unet_checkpoint(load_state_dict(layout.path, expect=layout.fingerprint), layout.unet_config)
+    return convert_ldm_unet_checkpoint(layout.read(UNET_PREFIX), layout.unet_config)
 
 
 def vae_weights(layout: SD15Layout) -> dict[str, torch.Tensor]:
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    return convert_ldm_vae_checkpoint(load_state_dict(layout.path, expect=layout.fingerprint), layout.vae_config)
+    return convert_ldm_vae_checkpoint(layout.read(VAE_PREFIX), layout.vae_config)
 
 
 def text_encoder_weights(layout: SD15Layout, with_text_model_level: bool) -> dict[str, torch.Tensor]:
-    weights = _clip_tensors(load_state_dict(layout.path, expect=layout.fingerprint))
+    weights = _clip_tensors(layout.read(CLIP_PREFIX))
     # transformers < 5 keeps the `text_model.` level in CLIPTextModel's own names
     return {"text_model." + k: v for k, v in weights.items()} if with_text_model_level else weights
 

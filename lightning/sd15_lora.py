@@ -91,14 +91,21 @@ def _ldm_names_to_diffusers(state: dict, unet: torch.nn.Module, file_name: str) 
     return out
 
 
-def read_sd15_lora(path: str | Path, *, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+def read_sd15_lora(path: str | Path, *, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module],
                    model_name: str) -> SD15Lora:
+    """`text_encoder` None: the prompt is encoded by the host's CLIP, which this node cannot patch."""
     path = Path(path)
     fingerprint = file_fingerprint(path)
     state = _ldm_names_to_diffusers(load_state_dict(path), unet, path.name)
     keys = sorted(state)
     _refuse_other_bases(path.name, keys, model_name)
-    lookups = {"unet": _underscored(unet), "text_encoder": _underscored(text_encoder, strip="text_model.")}
+    if text_encoder is None and any(k.startswith("lora_te_") for k in keys):
+        raise IncompatibleModelsError(
+            f"{path.name} also patches the text encoder, but the prompt is encoded by the CLIP input (ComfyUI's), "
+            "which this node cannot reach. Apply the LoRA with core LoraLoader before the Flipbook loader (it "
+            "patches MODEL and CLIP), or disconnect CLIP from the loader.")
+    lookups = {"unet": _underscored(unet),
+               "text_encoder": {} if text_encoder is None else _underscored(text_encoder, strip="text_model.")}
     modules = {"unet": unet, "text_encoder": text_encoder}
     pairs, unmatched, matched = {}, [], set()
     for key in keys:

@@ -429,3 +429,80 @@ def _release_if_unmovable(component) -> None:
         log.info("ComfyUI unloaded %s; releasing its weights (read again from the file when next used)",
                  component.name)
         component.release()
+
+
+# --- ComfyUI's own SD1.5 networks handed to the Lightning loader (lightning/host_parts.py) ---------------------
+
+def host_parts(model=None, clip=None, vae=None):
+    """ComfyUI's MODEL / CLIP / VAE as the Lightning loader's host parts, each checked to be SD1.5's."""
+    from ..lightning.host_parts import HostParts, HostWeights
+
+    unet = vae_weights = encode_text = None
+    if model is not None:
+        _check_sd15_model(model)
+        unet = HostWeights(stored=lambda: _stored(model, "diffusion_model."),
+                           patched=lambda: _patched(model, "diffusion_model."))
+    if vae is not None:
+        _check_sd15_vae(vae)
+        vae_weights = HostWeights(stored=lambda: _stored(vae.patcher, ""), patched=lambda: _patched(vae.patcher, ""))
+    if clip is not None:
+        if not (hasattr(clip, "tokenize") and hasattr(clip, "encode_from_tokens")):
+            raise _errors().InvalidSettingError(f"The clip input is not a ComfyUI CLIP (got {type(clip).__name__}).")
+        encode_text = lambda text: clip.encode_from_tokens(clip.tokenize(text)).float().cpu()  # noqa: E731
+    return HostParts(unet=unet, vae=vae_weights, encode_text=encode_text)
+
+
+def _errors():
+    from ..core import errors
+
+    return errors
+
+
+def _check_sd15_model(model) -> None:
+    """An SD1.5 epsilon model whose only changes are weight patches (LoRAs): sampler-side patches (FreeU, model
+    sampling overrides, attention replacements) live in ComfyUI's sampling code, which Flipbook does not run."""
+    base = getattr(model, "model", None)
+    config = type(getattr(base, "model_config", None)).__name__
+    kind = getattr(getattr(base, "model_type", None), "name", "?")
+    if not hasattr(model, "get_key_patches") or config not in ("SD15",) or kind != "EPS":
+        raise _errors().IncompatibleModelsError(
+            f"The model input is {config if hasattr(model, 'get_key_patches') else type(model).__name__} ({kind}), "
+            "but AnimateDiff motion modules need an SD1.5 epsilon model. Connect the MODEL of an SD1.5 checkpoint "
+            "(Load Checkpoint, then LoRA loaders).")
+    options = getattr(model, "model_options", {}) or {}
+    transformer = options.get("transformer_options", {}) or {}
+    extra = sorted({*(k for k in options if k != "transformer_options"),
+                    *(k for k in ("patches", "patches_replace") if transformer.get(k)),
+                    *getattr(model, "object_patches", {})})
+    if extra:
+        raise _errors().IncompatibleModelsError(
+            f"The model input carries ComfyUI sampling patches Flipbook cannot apply ({', '.join(extra)}; e.g. "
+            "FreeU, ModelSamplingDiscrete, attention patches). Only weight patches (LoRA loaders) carry over: "
+            "connect the MODEL before those nodes.")
+
+
+def _check_sd15_vae(vae) -> None:
+    keys = set(_stored(vae.patcher, "")) if hasattr(vae, "patcher") else set()
+    if getattr(vae, "latent_channels", None) != 4 or "encoder.down.0.block.0.conv1.weight" not in keys \
+            or "decoder.up.0.block.0.conv1.weight" not in keys:
+        raise _errors().IncompatibleModelsError(
+            f"The vae input is not an SD1.x VAE (latent channels {getattr(vae, 'latent_channels', '?')}); SD1.5 "
+            "needs a 4-channel KL VAE such as vae-ft-mse-840000-ema-pruned.safetensors (Load VAE).")
+
+
+def _stored(patcher, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in patcher.model_state_dict(prefix or None).items()}
+
+
+def _patched(patcher, prefix: str) -> dict:
+    """The patcher's weights with its patches applied (comfy.lora.calculate_weight, in float32 as ModelPatcher
+    patches them), as copies on the CPU: ComfyUI's own tensors are never shared or changed."""
+    lora = _module("comfy.lora")
+    out = {}
+    for key, ((weight, convert), *patches) in patcher.get_key_patches(prefix or None).items():
+        value = weight.detach().to(torch.float32, copy=True)
+        value = convert(value, inplace=True)
+        if patches:
+            value = lora.calculate_weight(patches, value, key)
+        out[key[len(prefix):]] = value.to("cpu", weight.dtype if weight.is_floating_point() else value.dtype)
+    return out

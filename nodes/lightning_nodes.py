@@ -9,15 +9,22 @@ MODEL_TYPE = "FLIPBOOK_LIGHTNING"
 CATEGORY = "Flipbook/AnimateDiff Lightning (motion)"
 
 
-def _load(ckpt_name, motion_model, variant, policy) -> NodeResult:
+NO_CHECKPOINT = "none"  # ckpt_name when MODEL, CLIP and VAE all come from other nodes
+
+
+def _load(ckpt_name, motion_model, variant, policy, model=None, clip=None, vae=None) -> NodeResult:
     from ..lightning.pipeline import load_lightning
 
-    model = load_lightning(
-        _comfy.model_path("checkpoints", ckpt_name), _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion_model),
+    host = _comfy.host_parts(model=model, clip=clip, vae=vae)
+    checkpoint = None if ckpt_name == NO_CHECKPOINT else _comfy.model_path("checkpoints", ckpt_name)
+    loaded = load_lightning(
+        checkpoint, _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion_model),
         variant_id=variant, policy=policy, device=_comfy.torch_device(), tokenizer_dir=_comfy.clip_tokenizer_dir(),
-        dtype=_comfy.compute_dtype(), placements=_comfy.component_placements(),
+        dtype=_comfy.compute_dtype(), placements=_comfy.component_placements(), host=host,
     )
-    return NodeResult((model,))
+    # the model's own notes appear on the sampler; here only where its networks came from
+    notes = [f"{' + '.join(host.given)} from the connected nodes"] if host.given else None
+    return NodeResult((loaded,), {"flipbook_notes": notes} if notes else None)
 
 
 def _init_latents(model, init_images, latent, *, frames: int, width: int, height: int):
@@ -131,10 +138,13 @@ LOADER = NodeSpec(
     display_name="Flipbook AnimateDiff-Lightning Loader (checkpoint + motion module)",
     category=CATEGORY,
     description="Loads an SD1.5 checkpoint and an AnimateDiff(-Lightning) motion module, detects the motion "
-                "module's variant and locks sampling to the steps/CFG/scheduler it was trained for.",
+                "module's variant and locks sampling to the steps/CFG/scheduler it was trained for. Optional MODEL, "
+                "CLIP and VAE inputs take ComfyUI's own networks instead of the checkpoint's (Load Checkpoint -> "
+                "LoraLoader, Load VAE, CLIP Set Last Layer).",
     inputs=(
         Param("ckpt_name", "COMBO", "SD1.5 single-file checkpoint from models/checkpoints (stylized bases work "
-              "best).", choices=lambda: _comfy.model_names("checkpoints")),
+              "best); 'none' when MODEL, CLIP and VAE are all connected.",
+              choices=lambda: [*_comfy.model_names("checkpoints"), NO_CHECKPOINT]),
         Param("motion_model", "COMBO", "Motion module from models/animatediff_models, e.g. "
               "animatediff_lightning_4step_comfyui.safetensors (either Lightning layout).",
               choices=lambda: _comfy.model_names(_comfy.ANIMATEDIFF_FOLDER)),
@@ -143,6 +153,13 @@ LOADER = NodeSpec(
         Param("policy", "COMBO", "strict: a sampler setting that differs from the variant's is an error. fill: "
               "use the variant's steps/CFG/scheduler instead (reported in the log).", {"default": "strict"},
               choices=lambda: list(V.POLICIES)),
+        Param("model", "MODEL", "Optional: an SD1.5 MODEL (e.g. Load Checkpoint -> LoraLoader). Its weights, with "
+              "the LoRAs ComfyUI patched in, replace the checkpoint's UNet; the motion module is added to them.",
+              optional=True),
+        Param("clip", "CLIP", "Optional: an SD1.5 CLIP (e.g. after CLIP Set Last Layer or LoraLoader) that encodes "
+              "the prompt as ComfyUI does (embeddings, CLIP skip, weighting).", optional=True),
+        Param("vae", "VAE", "Optional: an SD1.x VAE (Load VAE, e.g. vae-ft-mse-840000) instead of the checkpoint's.",
+              optional=True),
     ),
     outputs=((MODEL_TYPE, "model"),),
     run=_load,
