@@ -33,6 +33,13 @@ SD15_REAL_SIZES = TinySizes(unet_channels=(320, 640, 1280, 1280), vae_channels=(
                             text_hidden=768, text_layers=12)
 
 
+# the smallest SD1.5 file ComfyUI's own loaders read (CheckpointLoaderSimple, LoraLoader): its model detection
+# wants model_channels 320 and context_dim 768 (comfy/supported_models.py SD15.unet_config), its CLIP and VAE are
+# built at their real sizes (sd1_clip_config.json; the SD VAE ddconfig); the widths stay 320 at every level
+COMFY_READABLE_SIZES = TinySizes(unet_channels=(320, 320, 320, 320), vae_channels=(128, 256, 512, 512),
+                                 vae_layers=2, text_hidden=768, text_layers=12)
+
+
 def _resnet_ldm(name: str) -> str:
     for new, old in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
                      ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
