@@ -98,6 +98,13 @@ class StackState:
         setattr(module, attr, None)
 
 
+def merge_delta(state: StackState, name: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """Add a LoRA delta into a weight in place: summed in float32, rounded once to the weight's dtype, so sampling
+    costs nothing extra. The original is kept on the CPU for `restore` (swap back bit for bit)."""
+    state.keep_original(name, weight)
+    weight.data.copy_((weight.detach().float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
+
+
 def stack_key(stack) -> tuple:
     """A stack's identity: (file, its fingerprint, strength) per LoRA, in order."""
     return tuple((lora.path, lora.fingerprint, float(strength)) for lora, strength in stack)

@@ -3,8 +3,9 @@
 Keys (lightning-breadth.md section 2.5): `{down_blocks.i|up_blocks.i|mid_block}.motion_modules.j.temporal_transformer.
 transformer_blocks.0.attention_blocks.{0,1}.processor.{to_q|to_k|to_v|to_out}_lora.{down|up}.weight`, no alpha; the
 delta is strength * up @ down, unscaled (guoyww load_diffusers_lora, AnimateDiff-Evolved load_motion_lora_as_patches).
-diffusers' converted files (`unet.` prefix, attn1/attn2 names) read the same way. The factors stay beside the
-weights (core/lora_factors.py): a swap never touches the UNet's weights, and strength 0 is the module as loaded.
+diffusers' converted files (`unet.` prefix, attn1/attn2 names) read the same way. The deltas are merged into the
+weights in float32 (core/lora_factors.merge_delta: sampling costs nothing extra), the originals kept on the CPU, so a
+swap restores the module bit for bit and strength 0 is the module as loaded.
 Every key is applied or the file is refused: a v2 LoRA's mid-block keys on a v3 module (which has no mid block) are
 named, not skipped as AnimateDiff-Evolved does.
 """
@@ -18,7 +19,7 @@ import torch
 
 from ..core.checkpoints import file_fingerprint, load_state_dict
 from ..core.errors import IncompatibleModelsError, UnsupportedCheckpointError
-from ..core.lora_factors import begin_stack, forget_stack, set_factors
+from ..core.lora_factors import begin_stack, forget_stack, merge_delta
 from ..core.model_handle import Component
 
 DEFAULT_STRENGTH = 0.75  # the AnimateDiff-Lightning card: 0.7-0.8 "to avoid watermark"
@@ -100,12 +101,10 @@ def apply_motion_loras(component: Component, stack: Sequence[tuple[MotionLora, f
     try:
         with torch.no_grad():
             for name, entries in by_name.items():
-                layer = module.get_submodule(name.rpartition(".")[0])
-                device, dtype = layer.weight.device, layer.weight.dtype
-                up = torch.cat([u.to(device, torch.float32) * s for (u, _), s in entries], dim=1)
-                down = torch.cat([d.to(device, torch.float32) for (_, d), _ in entries], dim=0)
-                set_factors(layer, up=up, down=down, dense=None, dtype=dtype)
-                state.factor_layers.append(layer)
+                weight = module.get_parameter(name)
+                device = weight.device
+                delta = sum((u.to(device, torch.float32) * s) @ d.to(device, torch.float32) for (u, d), s in entries)
+                merge_delta(state, name, weight, delta)
     except BaseException:
         state.undo(module, STATE_ATTR)
         raise

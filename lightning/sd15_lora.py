@@ -4,9 +4,9 @@ Format (lightning-breadth.md section 2.1): kohya / A1111 `lora_unet_<diffusers m
 `lora_te_text_model_encoder_layers_N_{self_attn_q_proj|...|mlp_fc1|mlp_fc2}`, `.lora_down.weight` [r, in(, kh, kw)],
 `.lora_up.weight` [out, r(, 1, 1)], `.alpha`; LoCon adds the resnets' convs under the same names. Names are matched
 against every real module's underscored name (never split on `_`). The delta is strength * alpha / rank * up @ down
-(ComfyUI LoRAAdapter, diffusers network_alphas). Linear layers carry the factors beside their weights
-(core/lora_factors.py); convolutions (SD1.5's 1x1 proj_in/proj_out, LoCon's 3x3) are merged in place in float32
-with their originals kept on the CPU. Every key is applied or the file is refused.
+(ComfyUI LoRAAdapter, diffusers network_alphas). Every delta is merged into its weight in float32
+(core/lora_factors.merge_delta: sampling costs nothing extra, as with ComfyUI's own LoRA patches), the originals kept
+on the CPU for a swap. Every key is applied or the file is refused.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from ..core.checkpoints import file_fingerprint, load_state_dict
 from ..core.errors import IncompatibleModelsError, UnsupportedCheckpointError
-from ..core.lora_factors import StackState, begin_stack, forget_stack, set_factors
+from ..core.lora_factors import StackState, begin_stack, forget_stack, merge_delta
 from ..core.model_handle import Component
 
 PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
@@ -162,18 +162,11 @@ def apply_sd15_loras(component: Component, stack: Sequence[tuple[SD15Lora, float
 
 
 def _apply_one(module: torch.nn.Module, target: str, entries: list, state: StackState) -> None:
-    layer = module.get_submodule(target)
-    weight = layer.weight
+    weight = module.get_submodule(target).weight
     device = weight.device
-    ups = [u.flatten(1).to(device, torch.float32) * (s * f) for (u, _, f), s in entries]
-    downs = [d.flatten(1).to(device, torch.float32) for (_, d, _), _ in entries]
-    if isinstance(layer, torch.nn.Linear):
-        set_factors(layer, up=torch.cat(ups, dim=1), down=torch.cat(downs, dim=0), dense=None, dtype=weight.dtype)
-        state.factor_layers.append(layer)
-        return
-    state.keep_original(target + ".weight", weight)
-    delta = sum(u @ d for u, d in zip(ups, downs)).reshape(weight.shape)
-    weight.data.copy_((weight.detach().float() + delta).to(weight.dtype))
+    delta = sum((u.flatten(1).to(device, torch.float32) * (s * f)) @ d.flatten(1).to(device, torch.float32)
+                for (u, d, f), s in entries)
+    merge_delta(state, target + ".weight", weight, delta.reshape(weight.shape))
 
 
 def stack_note(stack: Sequence[tuple[SD15Lora, float]]) -> Optional[str]:
@@ -185,7 +178,7 @@ def stack_note(stack: Sequence[tuple[SD15Lora, float]]) -> Optional[str]:
 
 
 def clear_sd15_loras(module: torch.nn.Module) -> None:
-    """Weights read from the files again: LoRA factors and kept originals of an earlier read are void."""
+    """Weights read from the files again: the kept originals of an earlier read are void."""
     forget_stack(module, STATE_ATTR)
 
 
