@@ -59,6 +59,7 @@ class LightningModel:
     encode_text: Optional[Callable[[str], torch.Tensor]] = None
     motion_loras: tuple = ()  # (MotionLora, strength), applied when sampling; the loaded weights are shared
     loras: tuple = ()  # (SD15Lora, strength): image LoRAs on the UNet and text encoder, likewise
+    tier: Optional[tuple[str, V.SamplingSettings]] = None  # (tier id, its settings): replaces the sampler's widgets
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -262,10 +263,15 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
     """Every check that needs no model run: variant settings, frame limit, size, motion scale."""
     if not math.isfinite(request.cfg):  # NaN passes every comparison below (a linked value, an API prompt)
         raise InvalidSettingError(f"cfg={request.cfg}: use a finite number (1.0 for Lightning).")
-    checked = V.check_settings(
-        model.variant, V.SamplingSettings(request.steps, request.cfg, canonical_spacing(request.scheduler)),
-        model.policy
-    )
+    requested = V.SamplingSettings(request.steps, request.cfg, canonical_spacing(request.scheduler))
+    if model.tier is not None:  # the quality-tier node chose the settings; say so
+        tier_id, requested = model.tier
+        checked = V.check_settings(model.variant, requested, "strict")
+        checked = V.CheckedSettings(checked.settings, (
+            f"tier {tier_id}: {requested.steps} steps, CFG {requested.cfg:g}, {requested.scheduler} "
+            f"({model.variant.label}); the sampler's steps/cfg/scheduler widgets are not used", *checked.notes))
+    else:
+        checked = V.check_settings(model.variant, requested, model.policy)
     windows = request.context_schedule != "off"
     if windows and not 1 <= request.context_length <= model.motion.max_frames:
         raise InvalidSettingError(

@@ -92,8 +92,9 @@ def _sample(model, prompt, negative, seed, frames, width, height, steps, cfg, sc
                                 negative_context=_context(negative_cond, "negative_cond"),
                                 context_schedule=context_schedule, context_length=context_length,
                                 context_overlap=context_overlap, context_fuse=context_fuse, freenoise=freenoise)
-    progress = _comfy.progress_reporter(steps, latent_format="SD15")
-    validate_request(model, dataclasses.replace(request, denoise=1.0))  # settings first, then the (long) encode
+    # settings first, then the (long) encode; a quality tier may run other steps than the widget's
+    checked = validate_request(model, dataclasses.replace(request, denoise=1.0))
+    progress = _comfy.progress_reporter(checked.settings.steps, latent_format="SD15")
     request = dataclasses.replace(request, init_latents=_init_latents(model, init_images, latent, frames=frames,
                                                                       width=width, height=height))
     # previews as ComfyUI's own samplers send them for AnimateDiff: one latent per frame ([F, 4, h, w]; TAESD
@@ -283,4 +284,51 @@ IMAGE_LORA = NodeSpec(
     output_tooltips=("The same model with the LoRA in its stack (the loaded weights are shared).",),
 )
 
-SPECS = (LOADER, IMAGE_LORA, MOTION_LORA, SAMPLER)
+def _tier(ckpt_name, tier, explore_motion, develop_motion, final_motion, final_steps, final_cfg, model=None, clip=None,
+          vae=None) -> NodeResult:
+    import dataclasses
+
+    from ..lightning.tiers import check_tier_module, tier_settings
+
+    settings = tier_settings(tier, final_steps=final_steps, final_cfg=final_cfg)  # before anything is read
+    motion = {"explore": explore_motion, "develop": develop_motion, "final": final_motion}[tier]
+    result = _load(ckpt_name, motion, V.AUTO, "strict", model=model, clip=clip, vae=vae)
+    loaded = result.outputs[0]
+    check_tier_module(tier, loaded.variant.id, motion)
+    notes = [f"tier {tier}: {motion}, {settings.steps} steps, CFG {settings.cfg:g}, {settings.scheduler}",
+             *((result.ui or {}).get("flipbook_notes", []))]
+    return NodeResult((dataclasses.replace(loaded, tier=(tier, settings)),), {"flipbook_notes": notes})
+
+
+def _motion_choice(tooltip: str, name: str) -> Param:
+    return Param(name, "COMBO", tooltip, choices=lambda: _comfy.model_names(_comfy.ANIMATEDIFF_FOLDER))
+
+
+TIER = NodeSpec(
+    node_id="FlipbookLightningTierLoader",
+    display_name="Flipbook AnimateDiff Quality Tier Loader (explore 4-step / develop 8-step / final)",
+    category=CATEGORY,
+    description="Explore at 4 steps, develop at 8, render the final with standard AnimateDiff (25-40 steps, CFG 7-8): "
+                "pick the tier and the same seed and prompt re-render at it in one change. Loads the checkpoint with "
+                "the tier's motion module; the sampler then runs the tier's steps, CFG and scheduler (it says so).",
+    inputs=(
+        LOADER.inputs[0],
+        Param("tier", "COMBO", "explore: AnimateDiff-Lightning 4-step (fast previews, many seeds). develop: "
+              "Lightning 8-step. final: standard AnimateDiff v2/v3 at final_steps / final_cfg.",
+              {"default": "explore"}, choices=lambda: ["explore", "develop", "final"]),
+        _motion_choice("The explore tier's module: animatediff_lightning_4step_comfyui.safetensors.", "explore_motion"),
+        _motion_choice("The develop tier's module: animatediff_lightning_8step_comfyui.safetensors.", "develop_motion"),
+        _motion_choice("The final tier's module: standard AnimateDiff (mm_sd_v15_v2 or v3_sd15_mm).", "final_motion"),
+        Param("final_steps", "INT", "Steps of the final tier (standard AnimateDiff: 25-40).",
+              {"default": 30, "min": 25, "max": 40}),
+        Param("final_cfg", "FLOAT", "CFG of the final tier (standard AnimateDiff: 7-8).",
+              {"default": 7.5, "min": 7.0, "max": 8.0, "step": 0.1, "round": 0.01}),
+        *LOADER.inputs[4:],
+    ),
+    outputs=((MODEL_TYPE, "model"),),
+    run=_tier,
+    output_tooltips=("The checkpoint with the tier's motion module and settings, for the Flipbook AnimateDiff-Lightning "
+                     "Sampler.",),
+)
+
+SPECS = (LOADER, TIER, IMAGE_LORA, MOTION_LORA, SAMPLER)
