@@ -235,6 +235,8 @@ def run_prompt(prompt: Mapping[str, dict], mappings: Mapping[str, type], workflo
             kwargs["prompt"] = dict(prompt)
         if "extra_pnginfo" in hidden:
             kwargs["extra_pnginfo"] = {"workflow": workflow} if workflow is not None else None
+        if "unique_id" in hidden:
+            kwargs["unique_id"] = node_id
         log.info("running node %s (%s)", node_id, entry["class_type"])
         output = getattr(node_class(), node_class.FUNCTION)(**kwargs)
         if isinstance(output, dict):
