@@ -31,6 +31,7 @@ from .motion_module import (MotionModuleInfo, adapter_config, inspect_motion_mod
 from .inputs import check_contexts, check_host_context, check_init, encode_frames  # noqa: F401  (encode_frames: for the nodes)
 from .motion_lora import apply_motion_loras
 from .host_parts import HostParts, combined_layout
+from .tiers import checked_tier_settings
 from .sd15_checkpoint import inspect_sd15_checkpoint, text_encoder_component, unet_weights, vae_component
 from .sd15_lora import apply_sd15_loras, stack_note
 from .text import load_tokenizer
@@ -264,14 +265,8 @@ def validate_request(model: LightningModel, request: GenerationRequest) -> V.Che
     if not math.isfinite(request.cfg):  # NaN passes every comparison below (a linked value, an API prompt)
         raise InvalidSettingError(f"cfg={request.cfg}: use a finite number (1.0 for Lightning).")
     requested = V.SamplingSettings(request.steps, request.cfg, canonical_spacing(request.scheduler))
-    if model.tier is not None:  # the quality-tier node chose the settings; say so
-        tier_id, requested = model.tier
-        checked = V.check_settings(model.variant, requested, "strict")
-        checked = V.CheckedSettings(checked.settings, (
-            f"tier {tier_id}: {requested.steps} steps, CFG {requested.cfg:g}, {requested.scheduler} "
-            f"({model.variant.label}); the sampler's steps/cfg/scheduler widgets are not used", *checked.notes))
-    else:
-        checked = V.check_settings(model.variant, requested, model.policy)
+    checked = (V.check_settings(model.variant, requested, model.policy) if model.tier is None
+               else checked_tier_settings(model.variant, *model.tier))
     windows = request.context_schedule != "off"
     if windows and not 1 <= request.context_length <= model.motion.max_frames:
         raise InvalidSettingError(

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Optional
 
 from ..core.errors import InvalidSettingError
-from .variants import SamplingSettings
+from .variants import CheckedSettings, SamplingSettings, Variant, check_settings
 
 FINAL_STEPS = (25, 40)
 FINAL_CFG = (7.0, 8.0)
@@ -59,3 +59,11 @@ def check_tier_module(tier_id: str, variant_id: str, motion_name: str) -> None:
             f"The {tier.label} tier needs a {' or '.join(tier.variants)} motion module, but {motion_name} is "
             f"{variant_id}. Choose the {tier.id}_motion file accordingly (explore: animatediff_lightning_4step, "
             "develop: animatediff_lightning_8step, final: mm_sd_v15_v2 or v3_sd15_mm).")
+
+
+def checked_tier_settings(variant: Variant, tier_id: str, settings: SamplingSettings) -> CheckedSettings:
+    """The tier's settings in place of the sampler's widgets, checked against the module, and said so."""
+    checked = check_settings(variant, settings, "strict")
+    return CheckedSettings(checked.settings, (
+        f"tier {tier_id}: {settings.steps} steps, CFG {settings.cfg:g}, {settings.scheduler} ({variant.label}); the "
+        "sampler's steps/cfg/scheduler widgets are not used", *checked.notes))

@@ -232,7 +232,7 @@ def _fake_io():
     io.UploadType = types.SimpleNamespace(video="video_upload")
     io.Custom = kind
     io.Schema = lambda **kw: types.SimpleNamespace(**kw)
-    io.Hidden = types.SimpleNamespace(prompt="PROMPT", extra_pnginfo="EXTRA_PNGINFO")
+    io.Hidden = types.SimpleNamespace(prompt="PROMPT", extra_pnginfo="EXTRA_PNGINFO", unique_id="UNIQUE_ID")
     io.NodeOutput = lambda *args, ui=None: types.SimpleNamespace(args=args, ui=ui)
     io.ComfyNode = object
     return io
