@@ -26,14 +26,10 @@ def _widget(workflow: dict, node_type: str, index: int = 0):
 
 
 def write_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
-    """Tiny random SD1.5 checkpoint + Lightning motion module under the names the workflow uses."""
-    from .lightning.tiny_models import tiny_motion_state_dict, tiny_sd15_state_dict, write_safetensors
+    """Tiny random checkpoints, motion modules, LoRAs and input clips under the names the workflow uses."""
+    from .lightning.tiny_workflow_models import write_lightning_workflow_models
 
-    ckpt_name, motion_name = _widget(workflow, "FlipbookLightningLoader"), _widget(workflow, "FlipbookLightningLoader", 1)
-    return [
-        write_safetensors(tiny_sd15_state_dict(), models_dir / "checkpoints" / ckpt_name),
-        write_safetensors(tiny_motion_state_dict(layout="original"), models_dir / "animatediff_models" / motion_name),
-    ]
+    return write_lightning_workflow_models(models_dir, workflow, input_dir=models_dir.parent / "input")
 
 
 def write_wan_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
@@ -46,12 +42,19 @@ def write_wan_demo_models(models_dir: Path, workflow: dict) -> list[Path]:
                  vae=_widget(workflow, "FlipbookWanVAELoader"), loras=loras)
 
 
+# every bundled Lightning workflow made of Flipbook nodes only runs as a demo too (`flipbook demo lightning_vid2vid`)
+HEADLESS_LIGHTNING = ("lightning_4step_lora_motion_lora", "lightning_vid2vid", "lightning_64frames_context_windows",
+                      "lightning_quality_tiers", "lightning_seed_batch")
 DEMOS = {"lightning": (DEMO_WORKFLOW, write_demo_models, DEMO_OVERRIDES),
-         "wan": (WAN_DEMO_WORKFLOW, write_wan_demo_models, WAN_DEMO_OVERRIDES)}
+         "wan": (WAN_DEMO_WORKFLOW, write_wan_demo_models, WAN_DEMO_OVERRIDES),
+         **{name: (WORKFLOWS / f"{name}.json", write_demo_models, DEMO_OVERRIDES) for name in HEADLESS_LIGHTNING}}
+SIZED_NODES = ("FlipbookLightningSampler", "FlipbookLightningBatch", "FlipbookWanSampler")
 
 
-def run_workflow(path: Path, models_dir: Path, output_dir: Path, overrides: Sequence[str]) -> list[Path]:
-    """Run a UI-format workflow with our nodes; returns the files the output nodes wrote."""
+def run_workflow(path: Path, models_dir: Path, output_dir: Path, overrides: Sequence[str],
+                 input_dir: Optional[Path] = None) -> list[Path]:
+    """Run a UI-format workflow with our nodes; returns the files the output nodes wrote. `input_dir`: ComfyUI's
+    input folder (Load Video's files); default: `input` beside the models folder."""
     from .nodes import NODE_CLASS_MAPPINGS, _comfy
     from .core.errors import WorkflowError
     from .nodes.headless import apply_overrides, run_prompt, validate_prompt, workflow_to_prompt
@@ -60,7 +63,8 @@ def run_workflow(path: Path, models_dir: Path, output_dir: Path, overrides: Sequ
     api_format = isinstance(data, dict) and "nodes" not in data and data and all(
         isinstance(v, dict) and "class_type" in v for v in data.values())
     workflow = None if api_format else data
-    _comfy.use_headless(_comfy.HeadlessHost(models_dir=models_dir, output_dir=output_dir))
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=models_dir, output_dir=output_dir,
+                                            input_dir=input_dir or models_dir.parent / "input"))
     try:
         prompt = dict(data) if api_format else workflow_to_prompt(data, NODE_CLASS_MAPPINGS)
         unknown = sorted({v["class_type"] for v in prompt.values()} - set(NODE_CLASS_MAPPINGS))
@@ -85,7 +89,14 @@ def _demo(args: argparse.Namespace) -> int:
         output_dir = Path(args.output_dir) if args.output_dir else Path.cwd() / "output"
         for written in write_models(models_dir, workflow):
             logging.info("wrote tiny model %s", written)
-        overrides = (*demo_overrides, f"FlipbookSaveVideo.format={args.format}")
+        present = {n["type"] for n in workflow["nodes"]}
+        # the size overrides name their node type: keep those of the nodes this workflow has
+        overrides = [o for o in demo_overrides if o.split(".")[0] in present or o.split(".")[0] not in SIZED_NODES]
+        if "FlipbookLightningBatch" in present:
+            overrides += ["FlipbookLightningBatch.width=64", "FlipbookLightningBatch.height=64",
+                          f"FlipbookLightningBatch.format={args.format}"]
+        if "FlipbookSaveVideo" in present:
+            overrides.append(f"FlipbookSaveVideo.format={args.format}")
         files = run_workflow(workflow_path, models_dir, output_dir, overrides)
     sys.stdout.write("".join(f"{f}\n" for f in files))
     return 0
@@ -96,7 +107,8 @@ def _run(args: argparse.Namespace) -> int:
     path = Path(args.workflow)
     if not path.is_file() and (WORKFLOWS / args.workflow).is_file():
         path = WORKFLOWS / args.workflow
-    files = run_workflow(path, Path(args.models), output_dir, args.set or [])
+    files = run_workflow(path, Path(args.models), output_dir, args.set or [],
+                         input_dir=Path(args.input_dir) if args.input_dir else None)
     sys.stdout.write("".join(f"{f}\n" for f in files))
     return 0
 
@@ -126,6 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--models", required=True, help="ComfyUI models/ folder (checkpoints/, animatediff_models/, "
                      "diffusion_models/, text_encoders/, vae/)")
     run.add_argument("--output-dir")
+    run.add_argument("--input-dir", help="ComfyUI input/ folder (Load Video's files; default: input/ beside --models)")
     run.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE")
     run.set_defaults(func=_run)
     inspect = sub.add_parser("inspect", help="show the workflow/prompt ComfyUI would restore from a saved file")

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MUTED, BYPASSED = 2, 4
 UI_ONLY = {"Note", "MarkdownNote"}  # frontend-only nodes, never sent to the server
+# core nodes that only show an image in the browser: a headless run has no browser, so they are left out (logged)
+DISPLAY_ONLY = {"PreviewImage"}
 REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
 
 
@@ -104,6 +106,10 @@ def workflow_to_prompt(workflow: Mapping[str, Any], mappings: Mapping[str, type]
     prompt: dict[str, dict] = {}
     for node in workflow["nodes"]:
         if node.get("mode", 0) in (MUTED, BYPASSED) or node["type"] in (*UI_ONLY, REROUTE, PRIMITIVE):
+            continue
+        if node["type"] in DISPLAY_ONLY and node["type"] not in mappings:
+            log.info("node %s (%s) only displays in the browser; left out of the headless run", node["id"],
+                     node["type"])
             continue
         node_class = mappings.get(node["type"])
         if node_class is None:

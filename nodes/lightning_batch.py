@@ -34,10 +34,17 @@ def _batch(model, prompts, negative, seeds, frames, width, height, steps, cfg, s
             saved.append({"filename": file.path.name, "subfolder": file.subfolder, "type": "output"})
             cells.append(clip[len(clip) // 2])
         rows.append(cells)
-        notes.append(f"row {row + 1}: {text[:60]}")
-    notes.insert(0, f"{len(texts)} prompts x {len(seed_list)} seeds = {len(saved)} clips; contact sheet rows are "
-                    f"prompts, columns seeds {', '.join(map(str, seed_list))} (the middle frame of each clip)")
-    return NodeResult((contact_sheet(rows),), {"images": saved, "animated": (True,), "flipbook_notes": notes})
+        notes.append(f"row {row + 1}: {text if len(text) <= 60 else text[:57] + '...'}")
+    sheet = contact_sheet(rows)
+    # the sheet as a PNG beside the clips, with the whole batch's workflow (headless runs have no image node)
+    file = save_video(sheet, output_dir=_comfy.output_dir(), filename_prefix=filename_prefix + "_sheet",
+                      format_id="png", settings=VideoSettings(fps=fps),
+                      metadata=build_metadata(prompt, extra_pnginfo, disabled=_comfy.metadata_disabled()))
+    notes.insert(0, f"{len(texts)} prompts x {len(seed_list)} seeds = {len(saved)} clips; contact sheet "
+                    f"{file.path.name}: rows are prompts, columns seeds {', '.join(map(str, seed_list))} (the middle "
+                    "frame of each clip)")
+    saved.append({"filename": file.path.name, "subfolder": file.subfolder, "type": "output"})
+    return NodeResult((sheet,), {"images": saved, "animated": (True,), "flipbook_notes": notes})
 
 
 def _check_batch(cls, prompts=None, seeds=None, filename_prefix=None):

@@ -59,7 +59,8 @@ def test_every_clip_is_saved_with_a_workflow_that_re_renders_it(lightning_model,
         _comfy.use_headless(None)
     (sheet,), ui = out["result"], out["ui"]
     files = sorted((tmp_path / "out" / "flipbook").glob("variations_*.mp4"))
-    assert len(files) == len(ui["images"]) == 4 and sheet.shape == (1, 64 * 2 + 4, 64 * 2 + 4, 3)
+    sheets = list((tmp_path / "out" / "flipbook").glob("variations_sheet_*.png"))
+    assert len(files) == 4 and len(sheets) == 1 and len(ui["images"]) == 5 and sheet.shape == (1, 64 * 2 + 4, 64 * 2 + 4, 3)
     sampler = NODE_CLASS_MAPPINGS["FlipbookLightningSampler"]()
     for index, (text, seed) in enumerate([("a fox", 3), ("a fox", 5), ("a cat", 3), ("a cat", 5)]):
         meta = read_mp4_metadata(files[index])
