@@ -19,7 +19,8 @@ LIGHTNING = sorted((ROOT / "workflows").glob("lightning_*.json"))
 # frontend's upload widget value)
 CORE = {"CheckpointLoaderSimple": 1, "LoraLoader": 3, "CLIPSetLastLayer": 1, "VAELoader": 1, "LoadImage": 2,
         "PreviewImage": 0, "Note": 1}
-WINDOW = (1280, 800 - 60)  # the canvas below the frontend's menu bar
+# a 1280x800 window: the canvas spans it under the frontend's sidebar (56 px) and top bars (about 90 px in 1.58)
+VISIBLE = ((56, 90), (1280, 800))
 TITLE_BAR = 30
 
 
@@ -60,9 +61,11 @@ def test_template_rules_randomize_note_layout_thumbnail(path):
     assert all(control == "randomize" for control in seeds)
     assert any(n["type"] == "Note" and len(n["widgets_values"][0]) > 200 for n in workflow["nodes"])
     scale, (dx, dy) = workflow["extra"]["ds"]["scale"], workflow["extra"]["ds"]["offset"]
-    for node in workflow["nodes"]:
+    (left, top), (right, bottom) = VISIBLE
+    for node in workflow["nodes"]:  # screen = (pos + offset) * scale (litegraph's DragAndScale)
         (x, y), (w, h) = node["pos"], node["size"]
-        assert (x + dx + w) * scale <= WINDOW[0] and (y + dy + h + TITLE_BAR) * scale <= WINDOW[1], node["title"]
+        assert left <= (x + dx) * scale and (x + dx + w) * scale <= right, node["title"]
+        assert top <= (y - TITLE_BAR + dy) * scale and (y + dy + h) * scale <= bottom, node["title"]
     assert path.with_suffix(".jpg").is_file(), "thumbnail (a frame of a real run)"
 
 
