@@ -19,8 +19,9 @@ LIGHTNING = sorted((ROOT / "workflows").glob("lightning_*.json"))
 # frontend's upload widget value)
 CORE = {"CheckpointLoaderSimple": 1, "LoraLoader": 3, "CLIPSetLastLayer": 1, "VAELoader": 1, "LoadImage": 2,
         "PreviewImage": 0, "Note": 1}
-# a 1280x800 window: the canvas spans it under the frontend's sidebar (56 px) and top bars (about 90 px in 1.58)
-VISIBLE = ((56, 90), (1280, 800))
+# a 1280x800 window: in frontend 1.58 the canvas spans it under the sidebar (56 px) and top bars (about 90 px);
+# 1.27 starts the canvas 40 px further right and down, so 40 px stay free on the right and at the bottom
+VISIBLE = ((56, 90), (1240, 760))
 TITLE_BAR = 30
 
 
