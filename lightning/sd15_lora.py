@@ -20,6 +20,7 @@ from ..core.checkpoints import file_fingerprint, load_state_dict
 from ..core.errors import IncompatibleModelsError, UnsupportedCheckpointError
 from ..core.lora_factors import StackState, begin_stack, forget_stack, merge_delta
 from ..core.model_handle import Component
+from .ldm_names import ldm_module_names
 
 PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 STATE_ATTR = "_flipbook_sd15_lora_state"
@@ -66,29 +67,29 @@ def _refuse_other_bases(name: str, keys: list[str], model_name: str) -> None:
 
 
 LDM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+DIFFUSERS_BLOCKS = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
 
 
-def _ldm_names_to_diffusers(state: dict, unet: torch.nn.Module, file_name: str) -> dict:
-    """LoRAs named after the LDM UNet (`lora_unet_input_blocks_4_1_...`, some SD1.5 trainers) renamed to the
-    diffusers UNet's blocks by diffusers' own mapper (lora_conversion_utils._maybe_map_sgm_blocks_to_diffusers,
-    which numbers the blocks), then the block names themselves."""
-    if not any(k.startswith(LDM_BLOCKS) for k in state):
-        return state
-    if any(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for k in state):
-        raise UnsupportedCheckpointError(f"{file_name} mixes LDM and diffusers UNet names; it is not clear which to "
-                                         "apply (diffusers would drop the LDM ones). Re-export the LoRA.")
-    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+def _unet_names(unet: torch.nn.Module, keys: list[str], file_name: str) -> dict[str, str]:
+    """Underscored module names -> the UNet's modules: diffusers names (kohya's SD1.5 LoRAs), or the LDM UNet's
+    (`lora_unet_input_blocks_4_1_proj_in`, LoCon's `..._0_in_layers_2`) through the SD1.x block table
+    (ldm_names.py). diffusers' own mapper is not used: it matches `input_blocks_1` inside `input_blocks_10`."""
+    names = _underscored(unet)
+    if any(k.startswith(LDM_BLOCKS) for k in keys):
+        if any(k.startswith(DIFFUSERS_BLOCKS) for k in keys):
+            raise UnsupportedCheckpointError(f"{file_name} mixes LDM and diffusers UNet names; it is not clear which "
+                                             "to apply (diffusers would drop the LDM ones). Re-export the LoRA.")
+        names.update({ldm.replace(".", "_"): name for ldm, name in ldm_module_names(unet).items()})
+    return names
 
-    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(state), unet.config)
-    renames = (("lora_unet_input_blocks_", "lora_unet_down_blocks_"), ("lora_unet_middle_block_", "lora_unet_mid_block_"),
-               ("lora_unet_output_blocks_", "lora_unet_up_blocks_"))
-    out = {}
-    for key, value in mapped.items():
-        for old, new in renames:
-            if key.startswith(old):
-                key = new + key[len(old):]
-        out[key] = value
-    return out
+
+def _effective_down(state: dict, stem: str) -> torch.Tensor:
+    """`lora_down`, or with a LyCORIS CP/Tucker `lora_mid` [r, r, kh, kw] the down factor it stands for
+    (ComfyUI weight_adapter/lora.py: down^T @ mid, reshaped to [r, in, kh, kw])."""
+    down, mid = state[stem + ".lora_down.weight"], state.get(stem + ".lora_mid.weight")
+    if mid is None:
+        return down
+    return torch.einsum("ashw,si->aihw", mid.float(), down.flatten(1).float())
 
 
 def read_sd15_lora(path: str | Path, *, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module],
@@ -96,7 +97,7 @@ def read_sd15_lora(path: str | Path, *, unet: torch.nn.Module, text_encoder: Opt
     """`text_encoder` None: the prompt is encoded by the host's CLIP, which this node cannot patch."""
     path = Path(path)
     fingerprint = file_fingerprint(path)
-    state = _ldm_names_to_diffusers(load_state_dict(path), unet, path.name)
+    state = load_state_dict(path)
     keys = sorted(state)
     _refuse_other_bases(path.name, keys, model_name)
     if text_encoder is None and any(k.startswith("lora_te_") for k in keys):
@@ -104,7 +105,7 @@ def read_sd15_lora(path: str | Path, *, unet: torch.nn.Module, text_encoder: Opt
             f"{path.name} also patches the text encoder, but the prompt is encoded by the CLIP input (ComfyUI's), "
             "which this node cannot reach. Apply the LoRA with core LoraLoader before the Flipbook loader (it "
             "patches MODEL and CLIP), or disconnect CLIP from the loader.")
-    lookups = {"unet": _underscored(unet),
+    lookups = {"unet": _unet_names(unet, keys, path.name),
                "text_encoder": {} if text_encoder is None else _underscored(text_encoder, strip="text_model.")}
     modules = {"unet": unet, "text_encoder": text_encoder}
     pairs, unmatched, matched = {}, [], set()
@@ -119,23 +120,27 @@ def read_sd15_lora(path: str | Path, *, unet: torch.nn.Module, text_encoder: Opt
             unmatched.append(key)
             continue
         component = PREFIXES[prefix]
-        down, weight = state[key], modules[component].get_submodule(target).weight
+        if (component, target) in pairs:
+            raise UnsupportedCheckpointError(f"{path.name} patches {target} twice (under two names, e.g. {stem}); "
+                                             "it is not clear which to apply. Re-export the LoRA.")
+        down, weight = _effective_down(state, stem), modules[component].get_submodule(target).weight
         if (up.shape[0], down.shape[1]) != tuple(weight.shape[:2]):
             raise IncompatibleModelsError(
                 f"{path.name} does not fit {model_name}: {stem} is {up.shape[0]}x{down.shape[1]}, the model's "
                 f"{target} is {tuple(weight.shape[:2])} (an SD2 LoRA is 1024 wide). Use a LoRA trained for SD1.5.")
         alpha = state.get(stem + ".alpha")
-        factor = 1.0 if alpha is None else float(alpha.float().reshape(-1)[0]) / down.shape[0]
+        rank = state[key].shape[0]  # alpha / rank of the down factor, as ComfyUI (before a lora_mid)
+        factor = 1.0 if alpha is None else float(alpha.float().reshape(-1)[0]) / rank
         pairs[(component, target)] = (up, down, factor)
         matched.add(stem)
-    accounted = {stem + suffix for stem in matched for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha")}
+    accounted = {stem + suffix for stem in matched
+                 for suffix in (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha")}
     leftovers = [k for k in keys if k not in accounted and k not in unmatched]
     if unmatched or leftovers:
         examples = (unmatched + leftovers)[:3]
         raise UnsupportedCheckpointError(
             f"{path.name} has {len(set(unmatched + leftovers))} keys that match nothing in {model_name} (e.g. "
-            f"{examples}). Flipbook applies every key or refuses the file (LoCon resnet convs in LDM names, "
-            "e.g. in_layers_2, are not read yet).")
+            f"{examples}). Flipbook applies every key or refuses the file.")
     if not pairs:
         raise UnsupportedCheckpointError(f"{path.name} has no LoRA pairs (.lora_down/.lora_up weights).")
     return SD15Lora(name=path.name, path=path, fingerprint=fingerprint, pairs=pairs)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.tiny_weights import randomize, write_safetensors  # noqa: F401  (re-exported for callers)
-from .sd15_checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .ldm_names import unet_to_ldm  # noqa: F401  (re-exported for callers)
+from .sd15_checkpoint import CLIP_PREFIX, VAE_PREFIX
 
 
 @dataclass(frozen=True)
@@ -38,45 +39,6 @@ SD15_REAL_SIZES = TinySizes(unet_channels=(320, 640, 1280, 1280), vae_channels=(
 # built at their real sizes (sd1_clip_config.json; the SD VAE ddconfig); the widths stay 320 at every level
 COMFY_READABLE_SIZES = TinySizes(unet_channels=(320, 320, 320, 320), vae_channels=(128, 256, 512, 512),
                                  vae_layers=2, text_hidden=768, text_layers=12)
-
-
-def _resnet_ldm(name: str) -> str:
-    for new, old in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-                     ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
-        if name.startswith(new + "."):
-            return old + name[len(new):]
-    return name
-
-
-def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int, up_has_attn: list[bool]) -> dict[str, torch.Tensor]:
-    """diffusers UNet2DConditionModel keys -> original `model.diffusion_model.*` keys (SD1.x structure)."""
-    direct = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    step = layers_per_block + 1
-    out = {}
-    for key, value in state.items():
-        head, _, leaf = key.rpartition(".")
-        if head in direct:
-            new = f"{direct[head]}.{leaf}"
-        elif m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            new = f"input_blocks.{1 + i * step + j}." + ("0." + _resnet_ldm(rest) if kind == "resnets" else "1." + rest)
-        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-            new = f"input_blocks.{(int(m[1]) + 1) * step}.0.op.{m[2]}"
-        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
-            new = f"middle_block.{2 * int(m[1])}.{_resnet_ldm(m[2])}"
-        elif m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
-            new = f"middle_block.1.{m[1]}"
-        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            new = f"output_blocks.{i * step + j}." + ("0." + _resnet_ldm(rest) if kind == "resnets" else "1." + rest)
-        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
-            i = int(m[1])
-            new = f"output_blocks.{i * step + layers_per_block}.{2 if up_has_attn[i] else 1}.{m[2]}"
-        else:
-            raise KeyError(f"no LDM name for UNet key {key}")
-        out[UNET_PREFIX + new] = value
-    return out
 
 
 def vae_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:

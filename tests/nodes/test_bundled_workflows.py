@@ -14,7 +14,8 @@ from flipbook_pack.core.media.readers import read_workflow
 from flipbook_pack.nodes.headless import _has_control_widget, _is_widget
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-LIGHTNING = sorted((ROOT / "workflows").glob("lightning_*.json"))
+ALL = sorted((ROOT / "workflows").glob("*.json"))
+LIGHTNING = [p for p in ALL if p.name.startswith("lightning_")]
 # core nodes the ComfyUI-only workflows use, with their widget counts (ComfyUI 0.3.64 nodes.py; LoadImage adds the
 # frontend's upload widget value)
 CORE = {"CheckpointLoaderSimple": 1, "LoraLoader": 3, "CLIPSetLastLayer": 1, "VAELoader": 1, "LoadImage": 2,
@@ -37,11 +38,16 @@ def test_the_issue_lists_every_workflow():
     assert set(cli.HEADLESS_LIGHTNING) <= names
 
 
-@pytest.mark.parametrize("path", LIGHTNING, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
 def test_workflow_is_frontend_shaped_with_known_nodes_and_typed_links(path):
     workflow = _load(path)
     assert workflow["version"] == 0.4 and workflow["last_node_id"] == max(n["id"] for n in workflow["nodes"])
+    assert workflow["last_link_id"] == max(link[0] for link in workflow["links"])
+    assert path.with_suffix(".jpg").is_file()  # the template thumbnail
     for node in workflow["nodes"]:
+        for model in node["properties"].get("models", []):  # the frontend's missing-model downloads
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(model["name"])
+            assert model["name"] in node["widgets_values"]
         if node["type"] in CORE:
             assert len(node["widgets_values"]) == CORE[node["type"]], node["type"]
             continue
@@ -67,7 +73,6 @@ def test_template_rules_randomize_note_layout_thumbnail(path):
         (x, y), (w, h) = node["pos"], node["size"]
         assert left <= (x + dx) * scale and (x + dx + w) * scale <= right, node["title"]
         assert top <= (y - TITLE_BAR + dy) * scale and (y + dy + h) * scale <= bottom, node["title"]
-    assert path.with_suffix(".jpg").is_file(), "thumbnail (a frame of a real run)"
 
 
 @pytest.mark.parametrize("name", cli.HEADLESS_LIGHTNING)
