@@ -150,8 +150,9 @@ def load_lightning(
     motion_path = Path(motion_path)
     checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
     with shared_reads():  # each file is read (a .ckpt unpickled) once for every check and network
-        layout = (inspect_sd15_checkpoint(checkpoint_path) if host is None or not host.given
-                  else combined_layout(checkpoint_path, host))
+        # no checkpoint: the host's parts, or the error naming what to connect
+        layout = (inspect_sd15_checkpoint(checkpoint_path) if checkpoint_path is not None and not (host and host.given)
+                  else combined_layout(checkpoint_path, host or HostParts()))
         info = _check_motion_module(motion_path, layout.name)
         variant, notes = resolve_variant(variant_id, motion_path.name, info, motion_path.stat().st_size)
         torch_device = resolve_device(device)

@@ -469,16 +469,29 @@ def _check_sd15_model(model) -> None:
             f"The model input is {config if hasattr(model, 'get_key_patches') else type(model).__name__} ({kind}), "
             "but AnimateDiff motion modules need an SD1.5 epsilon model. Connect the MODEL of an SD1.5 checkpoint "
             "(Load Checkpoint, then LoRA loaders).")
-    options = getattr(model, "model_options", {}) or {}
-    transformer = options.get("transformer_options", {}) or {}
-    extra = sorted({*(k for k in options if k != "transformer_options"),
-                    *(k for k in ("patches", "patches_replace") if transformer.get(k)),
-                    *getattr(model, "object_patches", {})})
+    extra = _sampling_patches(model)
     if extra:
         raise _errors().IncompatibleModelsError(
             f"The model input carries ComfyUI sampling patches Flipbook cannot apply ({', '.join(extra)}; e.g. "
-            "FreeU, ModelSamplingDiscrete, attention patches). Only weight patches (LoRA loaders) carry over: "
-            "connect the MODEL before those nodes.")
+            "FreeU, ModelSamplingDiscrete, caches, attention patches, another pack's wrappers). Only weight patches "
+            "(LoRA loaders) carry over: connect the MODEL before those nodes.")
+
+
+def _sampling_patches(model) -> list:
+    """Names of everything on a ModelPatcher beyond its weight patches: model options (transformer_options
+    entries included), object patches, and the wrappers, callbacks, injections and additional models that packs
+    and core nodes (EasyCache, AnimateDiff-Evolved) attach."""
+    def filled(value) -> bool:
+        return bool(value) and (not isinstance(value, dict) or any(filled(v) for v in value.values()))
+
+    options = getattr(model, "model_options", {}) or {}
+    found = {k for k, v in options.items() if k != "transformer_options" and v is not None}
+    found |= {k for k, v in (options.get("transformer_options") or {}).items() if filled(v)}
+    found |= set(getattr(model, "object_patches", {}) or {})
+    for attribute in ("wrappers", "callbacks", "injections", "additional_models", "weight_wrapper_patches"):
+        if filled(getattr(model, attribute, None)):
+            found.add(attribute)
+    return sorted(found)
 
 
 def _check_sd15_vae(vae) -> None:
@@ -490,19 +503,30 @@ def _check_sd15_vae(vae) -> None:
             "needs a 4-channel KL VAE such as vae-ft-mse-840000-ema-pruned.safetensors (Load VAE).")
 
 
+# fp8 scale tensors of ComfyUI's scaled-fp8 layers: their convert function has already applied them
+SCALE_LEAVES = ("scale_weight", "scale_input")
+COMPUTABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _stored(patcher, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in patcher.model_state_dict(prefix or None).items()}
+    return {k[len(prefix):]: v for k, v in patcher.model_state_dict(prefix or None).items()
+            if k.rpartition(".")[2] not in SCALE_LEAVES}
 
 
 def _patched(patcher, prefix: str) -> dict:
     """The patcher's weights with its patches applied (comfy.lora.calculate_weight, in float32 as ModelPatcher
-    patches them), as copies on the CPU: ComfyUI's own tensors are never shared or changed."""
+    patches them), as copies on the CPU: ComfyUI's own tensors are never shared or changed. fp16/bf16/fp32 weights
+    keep their dtype (rounded once, as ComfyUI stores a patched weight); fp8 ones come back as fp16, so a LoRA delta
+    is not rounded away into fp8's steps."""
     lora = _module("comfy.lora")
     out = {}
     for key, ((weight, convert), *patches) in patcher.get_key_patches(prefix or None).items():
+        if key.rpartition(".")[2] in SCALE_LEAVES:
+            continue
         value = weight.detach().to(torch.float32, copy=True)
         value = convert(value, inplace=True)
         if patches:
             value = lora.calculate_weight(patches, value, key)
-        out[key[len(prefix):]] = value.to("cpu", weight.dtype if weight.is_floating_point() else value.dtype)
+        dtype = weight.dtype if weight.dtype in COMPUTABLE else torch.float16
+        out[key[len(prefix):]] = value.to("cpu", dtype if value.is_floating_point() else value.dtype)
     return out

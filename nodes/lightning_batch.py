@@ -27,12 +27,14 @@ def _batch(model, prompts, negative, seeds, frames, width, height, steps, cfg, s
             result = _sample(model, text, negative, seed, frames, width, height, steps, cfg, scheduler, motion_scale)
             clip = result.outputs[0]
             notes += [n for n in (result.ui or {}).get("flipbook_notes", []) if n not in notes]
-            metadata = build_metadata(*_one_clip(prompt, extra_pnginfo, unique_id, text=text, seed=seed),
-                                      disabled=_comfy.metadata_disabled())
+            one_prompt, one_extra, narrowed = _one_clip(prompt, extra_pnginfo, unique_id, text=text, seed=seed)
+            if not narrowed and (note := LINKED_NOTE) not in notes:
+                notes.append(note)
+            metadata = build_metadata(one_prompt, one_extra, disabled=_comfy.metadata_disabled())
             file = save_video(clip, output_dir=_comfy.output_dir(), filename_prefix=filename_prefix, format_id=format,
                               settings=VideoSettings(fps=fps), metadata=metadata)
             saved.append({"filename": file.path.name, "subfolder": file.subfolder, "type": "output"})
-            cells.append(clip[len(clip) // 2])
+            cells.append(clip[len(clip) // 2].clone())  # not a view: the clip's frames are freed
         rows.append(cells)
         notes.append(f"row {row + 1}: {text if len(text) <= 60 else text[:57] + '...'}")
     sheet = contact_sheet(rows)
@@ -45,6 +47,10 @@ def _batch(model, prompts, negative, seeds, frames, width, height, steps, cfg, s
                     "frame of each clip)")
     saved.append({"filename": file.path.name, "subfolder": file.subfolder, "type": "output"})
     return NodeResult((sheet,), {"images": saved, "animated": (True,), "flipbook_notes": notes})
+
+
+LINKED_NOTE = ("prompts or seeds come through a link: each clip's saved workflow keeps that link, so dropping it "
+               "re-runs the whole batch (its embedded API prompt holds the clip's own prompt and seed)")
 
 
 def _check_batch(cls, prompts=None, seeds=None, filename_prefix=None):
@@ -71,20 +77,31 @@ def _errors():
 
 def _one_clip(prompt, extra_pnginfo, unique_id, *, text: str, seed: int):
     """The run's API prompt and UI workflow with this node narrowed to one prompt and one seed: dropping the clip
-    onto ComfyUI re-renders exactly it (change the tier there to re-render it at another)."""
+    onto ComfyUI re-renders exactly it (change the tier there to re-render it at another). Returns (prompt, extra
+    pnginfo, whether the UI workflow could be narrowed: not where prompts/seeds arrive through links)."""
     values = {"prompts": text, "seeds": str(seed)}
     one_prompt = copy.deepcopy(prompt) if isinstance(prompt, dict) else None
     if one_prompt is not None and unique_id in one_prompt:
         one_prompt[unique_id]["inputs"].update(values)
     extra = copy.deepcopy(extra_pnginfo) if isinstance(extra_pnginfo, dict) else None
-    workflow = (extra or {}).get("workflow")
-    node = next((n for n in (workflow or {}).get("nodes", []) if str(n.get("id")) == str(unique_id)), None)
+    node = _workflow_node((extra or {}).get("workflow"), unique_id)
+    linked = {i.get("name") for i in (node or {}).get("inputs", []) if i.get("link") is not None}
     if node is not None and isinstance(node.get("widgets_values"), list):
         for name, value in values.items():
             index = _widget_index(name)
-            if index < len(node["widgets_values"]):
+            if index < len(node["widgets_values"]) and name not in linked:
                 node["widgets_values"][index] = value
-    return one_prompt, extra
+    return one_prompt, extra, not (linked & set(values))
+
+
+def _workflow_node(workflow, unique_id):
+    """This node in the UI workflow: top level, or inside a subgraph (ComfyUI ids it "<graph node>:<node>")."""
+    if not isinstance(workflow, dict) or unique_id is None:
+        return None
+    own_id = str(unique_id).rpartition(":")[2]
+    graphs = [workflow, *((workflow.get("definitions") or {}).get("subgraphs") or [])]
+    candidates = [n for g in graphs for n in g.get("nodes", []) if str(n.get("id")) == own_id]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def _widget_index(name: str) -> int:

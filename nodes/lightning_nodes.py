@@ -23,7 +23,13 @@ def _load(ckpt_name, motion_model, variant, policy, model=None, clip=None, vae=N
         dtype=_comfy.compute_dtype(), placements=_comfy.component_placements(), host=host,
     )
     # the model's own notes appear on the sampler; here only where its networks came from
-    notes = [f"{' + '.join(host.given)} from the connected nodes"] if host.given else None
+    notes = [f"{' + '.join(host.given)} from the connected nodes"] if host.given else []
+    if model is not None and clip is None:
+        notes.append(f"warning: MODEL is connected but CLIP is not: the prompt is encoded by {ckpt_name}'s text "
+                     "encoder, without the CLIP half of any LoRA on the MODEL. Connect the CLIP from the same loaders.")
+    if clip is not None and model is None:
+        notes.append(f"warning: CLIP is connected but MODEL is not: the UNet is {ckpt_name}'s, without the MODEL "
+                     "half of any LoRA on the CLIP. Connect the MODEL from the same loaders.")
     return NodeResult((loaded,), {"flipbook_notes": notes} if notes else None)
 
 
@@ -290,11 +296,16 @@ def _tier(ckpt_name, tier, explore_motion, develop_motion, final_motion, final_s
 
     from ..lightning.tiers import check_tier_module, tier_settings
 
+    from ..core.checkpoints import load_state_dict
+    from ..lightning.pipeline import inspect_motion_module, resolve_variant
+
     settings = tier_settings(tier, final_steps=final_steps, final_cfg=final_cfg)  # before anything is read
     motion = {"explore": explore_motion, "develop": develop_motion, "final": final_motion}[tier]
+    path = _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion)
+    info = inspect_motion_module(load_state_dict(path), motion)  # the module's kind first: a wrong file costs no load
+    check_tier_module(tier, resolve_variant(V.AUTO, motion, info, path.stat().st_size)[0].id, motion)
     result = _load(ckpt_name, motion, V.AUTO, "strict", model=model, clip=clip, vae=vae)
     loaded = result.outputs[0]
-    check_tier_module(tier, loaded.variant.id, motion)
     notes = [f"tier {tier}: {motion}, {settings.steps} steps, CFG {settings.cfg:g}, {settings.scheduler}",
              *((result.ui or {}).get("flipbook_notes", []))]
     return NodeResult((dataclasses.replace(loaded, tier=(tier, settings)),), {"flipbook_notes": notes})

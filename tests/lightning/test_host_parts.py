@@ -100,6 +100,9 @@ def test_missing_parts_without_a_checkpoint_are_named(tiny_models):
     state = load_state_dict(files["ckpt"])
     with pytest.raises(InvalidSettingError, match=r"no CLIP, VAE connected.*choose ckpt_name"):
         P.load_lightning(None, files["original"], device="cpu", host=HostParts(unet=_part(state, UNET_PREFIX)))
+    for nothing in (None, HostParts()):  # ckpt_name 'none' and nothing connected
+        with pytest.raises(InvalidSettingError, match=r"no MODEL, CLIP, VAE connected"):
+            P.load_lightning(None, files["original"], device="cpu", host=nothing)
 
 
 def test_an_sdxl_wide_host_clip_is_refused_when_encoding(tiny_models, lightning_model):

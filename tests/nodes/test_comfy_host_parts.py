@@ -38,9 +38,9 @@ REQUEST = P.GenerationRequest(prompt="a fox running in snow", frames=8, width=64
 @pytest.fixture(scope="module")
 def readable(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy_readable")
-    ckpt = T.write_safetensors(T.tiny_sd15_state_dict(T.COMFY_READABLE_SIZES), root / "sd15.safetensors")
+    ckpt = T.write_safetensors(T.tiny_sd15_state_dict(T.COMFY_READABLE_SIZES), root / "checkpoints" / "sd15.safetensors")
     motion = T.write_safetensors(T.tiny_motion_state_dict(T.COMFY_READABLE_SIZES),
-                                 root / "animatediff_lightning_4step_comfyui.safetensors")
+                                 root / "animatediff_models" / "animatediff_lightning_4step_comfyui.safetensors")
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)[:3]
     _comfy.use_headless(None)
     yield dict(ckpt=ckpt, motion=motion, model=model, clip=clip, vae=vae, root=root)
@@ -74,7 +74,7 @@ def test_core_lora_loader_patches_reach_the_flipbook_unet(readable):
     plain = P.load_lightning(readable["ckpt"], readable["motion"], device="cpu", dtype=torch.float32)
     tensors, _ = T.tiny_kohya_lora(plain.unet, plain.text_encoder, seed=31)
     unet_only = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
-    path = T.write_safetensors(unet_only, readable["root"] / "style.safetensors")
+    path = T.write_safetensors(unet_only, readable["root"] / "loras" / "style.safetensors")
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
     patched_model, _ = comfy.sd.load_lora_for_models(readable["model"], readable["clip"], lora, 0.8, 0.8)
     hosted = _load(readable, model=patched_model)
@@ -91,6 +91,28 @@ def test_sampling_patches_on_the_model_are_refused(readable):
     patched.set_model_unet_function_wrapper(lambda apply, args: apply(args["input"], args["timestep"], **args["c"]))
     with pytest.raises(IncompatibleModelsError, match="model_function_wrapper"):
         _comfy.host_parts(model=patched)
+    cached = readable["model"].clone()  # core EasyCache keeps its state in transformer_options
+    cached.model_options["transformer_options"]["easycache"] = object()
+    with pytest.raises(IncompatibleModelsError, match="easycache"):
+        _comfy.host_parts(model=cached)
+    wrapped = readable["model"].clone()
+    wrapped.add_wrapper_with_key("outer_sample", "some_pack", lambda executor, *a, **k: executor(*a, **k))
+    with pytest.raises(IncompatibleModelsError, match="wrappers"):
+        _comfy.host_parts(model=wrapped)
+
+
+def test_the_loader_warns_when_a_lora_chain_is_half_connected(readable):
+    from flipbook_pack.nodes import lightning_nodes
+
+    _comfy.use_headless(_comfy.HeadlessHost(models_dir=readable["root"], output_dir=readable["root"] / "out"))
+    try:
+        result = lightning_nodes._load("sd15.safetensors", "animatediff_lightning_4step_comfyui.safetensors", "auto",
+                                       "strict", model=readable["model"])
+    finally:
+        _comfy.use_headless(None)
+    notes = result.ui["flipbook_notes"]
+    assert notes[0] == "MODEL from the connected nodes"
+    assert "MODEL is connected but CLIP is not" in notes[1]
 
 
 def test_a_non_sd15_vae_is_refused(readable):

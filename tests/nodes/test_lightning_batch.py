@@ -85,3 +85,20 @@ def test_an_empty_prompt_list_writes_nothing(lightning_model, tmp_path):
     finally:
         _comfy.use_headless(None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_inside_a_subgraph_or_fed_by_links_is_narrowed_where_it_can_be():
+    from flipbook_pack.nodes.lightning_batch import _one_clip
+
+    inner = {"id": 7, "type": "FlipbookLightningBatch", "inputs": [],
+             "widgets_values": ["a\nb", "", "1-4", 4, 64, 64, 4, 1.0, "trailing", 1.0, "p", "mp4", 8.0]}
+    workflow = {"nodes": [{"id": 3, "type": "some-subgraph-uuid", "widgets_values": []}],
+                "definitions": {"subgraphs": [{"id": "some-subgraph-uuid", "nodes": [inner]}]}}
+    api = {"3:7": {"class_type": "FlipbookLightningBatch", "inputs": {"prompts": "a\nb", "seeds": "1-4"}}}
+    one_prompt, extra, narrowed = _one_clip(api, {"workflow": workflow}, "3:7", text="b", seed=2)
+    assert narrowed and one_prompt["3:7"]["inputs"] == {"prompts": "b", "seeds": "2"}
+    assert extra["workflow"]["definitions"]["subgraphs"][0]["nodes"][0]["widgets_values"][:3] == ["b", "", "2"]
+    inner["inputs"] = [{"name": "prompts", "type": "STRING", "link": 9, "widget": {"name": "prompts"}}]
+    _, extra, narrowed = _one_clip(api, {"workflow": workflow}, "3:7", text="b", seed=2)
+    assert not narrowed  # the saved UI workflow keeps the link (a note on the node says so)
+    assert extra["workflow"]["definitions"]["subgraphs"][0]["nodes"][0]["widgets_values"][:3] == ["a\nb", "", "2"]
