@@ -448,6 +448,13 @@ def host_parts(model=None, clip=None, vae=None):
     if clip is not None:
         if not (hasattr(clip, "tokenize") and hasattr(clip, "encode_from_tokens")):
             raise _errors().InvalidSettingError(f"The clip input is not a ComfyUI CLIP (got {type(clip).__name__}).")
+        # SD1.5's is comfy.sd1_clip.SD1ClipModel itself (SD2's subclasses it, SDXL's is SDXLClipModel): refuse the
+        # others at load time, before a sampler asks for a prompt
+        kind = type(getattr(clip, "cond_stage_model", None)).__name__
+        if kind != "SD1ClipModel":
+            raise _errors().IncompatibleModelsError(
+                f"The clip input is a {kind} (not SD1.5's CLIP ViT-L): AnimateDiff motion modules are SD1.5 only. "
+                "Connect the CLIP of an SD1.5 checkpoint (Load Checkpoint's CLIP output).")
         encode_text = lambda text: clip.encode_from_tokens(clip.tokenize(text)).float().cpu()  # noqa: E731
     return HostParts(unet=unet, vae=vae_weights, encode_text=encode_text)
 

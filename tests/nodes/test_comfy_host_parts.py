@@ -122,3 +122,21 @@ def test_a_non_sd15_vae_is_refused(readable):
 
     with pytest.raises(IncompatibleModelsError, match="not an SD1.x VAE"):
         _comfy.host_parts(vae=NotSD15())
+
+
+def test_a_non_sd15_clip_is_refused_at_load(readable):
+    class SDXLClipModel:
+        pass
+
+    class OtherClip:
+        cond_stage_model = SDXLClipModel()
+
+        def tokenize(self, text):
+            return text
+
+        def encode_from_tokens(self, tokens):
+            return tokens
+
+    assert type(readable["clip"].cond_stage_model).__name__ == "SD1ClipModel"  # what Load Checkpoint gives SD1.5
+    with pytest.raises(IncompatibleModelsError, match="SDXLClipModel"):
+        _comfy.host_parts(clip=OtherClip())
