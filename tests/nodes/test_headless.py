@@ -222,3 +222,34 @@ def test_bad_inputs_on_the_demo_models_are_one_line_and_write_nothing(demo_model
     err = capsys.readouterr().err
     assert code == 2 and match in err and "Traceback" not in err and err.count("\n") == 1
     assert not out.exists() or not any(out.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def issue10_models(tmp_path_factory):
+    models = tmp_path_factory.mktemp("issue10_models")
+    for name in ("lightning_seed_batch", "lightning_quality_tiers"):
+        cli.write_demo_models(models, json.loads((ROOT / "workflows" / f"{name}.json").read_text()))
+    return models
+
+
+@pytest.mark.parametrize("workflow,overrides,match", [
+    ("lightning_seed_batch", ["FlipbookLightningBatch.prompts= "], "The prompt list is empty"),
+    ("lightning_seed_batch", ["FlipbookLightningBatch.seeds=1, x"], "'x' is not a seed"),
+    ("lightning_seed_batch", ["FlipbookLightningBatch.seeds=0-300"], "more than 256"),
+    ("lightning_seed_batch", ["FlipbookLightningBatch.filename_prefix=../up"], ".."),
+    ("lightning_quality_tiers", ["FlipbookLightningTierLoader.tier=final", "FlipbookLightningTierLoader.final_steps=50"],
+     "final_steps"),
+    ("lightning_quality_tiers", ["FlipbookLightningTierLoader.tier=final",
+                                 "FlipbookLightningTierLoader.final_motion=animatediff_lightning_4step_comfyui.safetensors"],
+     "tier needs a animatediff_v2 or animatediff_v3"),
+    ("lightning_quality_tiers", ["FlipbookLightningTierLoader.ckpt_name=none"], "No checkpoint chosen and no MODEL"),
+])
+def test_bad_inputs_of_the_tier_and_batch_nodes_are_one_line_and_write_nothing(issue10_models, tmp_path, capsys,
+                                                                               workflow, overrides, match):
+    out = tmp_path / "out"
+    sets = [item for o in ["FlipbookLightningBatch.width=64", "FlipbookLightningBatch.height=64"] * (
+        workflow == "lightning_seed_batch") + overrides for item in ("--set", o)]
+    code = cli.main(["run", f"{workflow}.json", "--models", str(issue10_models), "--output-dir", str(out), *sets])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not out.exists() or not any(out.rglob("*"))
