@@ -136,6 +136,7 @@ def load_lightning(
     dtype: Optional[torch.dtype] = None,
     placements: Optional[Mapping[str, Placement]] = None,
     host: Optional[HostParts] = None,
+    check_variant: Optional[Callable[[V.Variant], None]] = None,
 ) -> LightningModel:
     """Load checkpoint + motion module, checking they fit together before the big load.
 
@@ -143,7 +144,8 @@ def load_lightning(
     them to each component's compute device when a stage needs them. `placements` maps component names
     ("text_encoder", "unet", "vae") to (compute device, offload device, dtype), as ComfyUI decides
     them; by default all compute on `device` in `dtype` and wait on the CPU. `host`: networks the host hands over
-    (ComfyUI's MODEL / VAE with their patches, its CLIP) in place of the checkpoint's.
+    (ComfyUI's MODEL / VAE with their patches, its CLIP) in place of the checkpoint's. `check_variant` may refuse
+    the resolved variant before any weight is read (a quality tier's kind of module).
     """
     if policy not in V.POLICIES:
         raise InvalidSettingError(f"Unknown policy {policy!r}; choose one of {V.POLICIES}.")
@@ -155,6 +157,8 @@ def load_lightning(
                   else combined_layout(checkpoint_path, host or HostParts()))
         info = _check_motion_module(motion_path, layout.name)
         variant, notes = resolve_variant(variant_id, motion_path.name, info, motion_path.stat().st_size)
+        if check_variant is not None:
+            check_variant(variant)
         torch_device = resolve_device(device)
         dtype = dtype or compute_dtype(torch_device)
         _check_widths(layout, info, layout.name, motion_path.name)
@@ -225,7 +229,6 @@ def _motion_unet_component(layout, motion_path: Path, info: MotionModuleInfo, **
     from .motion_lora import clear_motion_loras
 
     return Component(name="unet", module=unet, weights=weights, finish=clear_motion_loras, **placement)
-
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..core.errors import ModelFileNotFoundError
+from ..core.errors import IncompatibleModelsError, InvalidSettingError, ModelFileNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -447,22 +447,16 @@ def host_parts(model=None, clip=None, vae=None):
         vae_weights = HostWeights(stored=lambda: _stored(vae.patcher, ""), patched=lambda: _patched(vae.patcher, ""))
     if clip is not None:
         if not (hasattr(clip, "tokenize") and hasattr(clip, "encode_from_tokens")):
-            raise _errors().InvalidSettingError(f"The clip input is not a ComfyUI CLIP (got {type(clip).__name__}).")
+            raise InvalidSettingError(f"The clip input is not a ComfyUI CLIP (got {type(clip).__name__}).")
         # SD1.5's is comfy.sd1_clip.SD1ClipModel itself (SD2's subclasses it, SDXL's is SDXLClipModel): refuse the
         # others at load time, before a sampler asks for a prompt
         kind = type(getattr(clip, "cond_stage_model", None)).__name__
         if kind != "SD1ClipModel":
-            raise _errors().IncompatibleModelsError(
+            raise IncompatibleModelsError(
                 f"The clip input is a {kind} (not SD1.5's CLIP ViT-L): AnimateDiff motion modules are SD1.5 only. "
                 "Connect the CLIP of an SD1.5 checkpoint (Load Checkpoint's CLIP output).")
         encode_text = lambda text: clip.encode_from_tokens(clip.tokenize(text)).float().cpu()  # noqa: E731
     return HostParts(unet=unet, vae=vae_weights, encode_text=encode_text)
-
-
-def _errors():
-    from ..core import errors
-
-    return errors
 
 
 def _check_sd15_model(model) -> None:
@@ -472,13 +466,13 @@ def _check_sd15_model(model) -> None:
     config = type(getattr(base, "model_config", None)).__name__
     kind = getattr(getattr(base, "model_type", None), "name", "?")
     if not hasattr(model, "get_key_patches") or config not in ("SD15",) or kind != "EPS":
-        raise _errors().IncompatibleModelsError(
+        raise IncompatibleModelsError(
             f"The model input is {config if hasattr(model, 'get_key_patches') else type(model).__name__} ({kind}), "
             "but AnimateDiff motion modules need an SD1.5 epsilon model. Connect the MODEL of an SD1.5 checkpoint "
             "(Load Checkpoint, then LoRA loaders).")
     extra = _sampling_patches(model)
     if extra:
-        raise _errors().IncompatibleModelsError(
+        raise IncompatibleModelsError(
             f"The model input carries ComfyUI sampling patches Flipbook cannot apply ({', '.join(extra)}; e.g. "
             "FreeU, ModelSamplingDiscrete, caches, attention patches, another pack's wrappers). Only weight patches "
             "(LoRA loaders) carry over: connect the MODEL before those nodes.")
@@ -505,7 +499,7 @@ def _check_sd15_vae(vae) -> None:
     keys = set(_stored(vae.patcher, "")) if hasattr(vae, "patcher") else set()
     if getattr(vae, "latent_channels", None) != 4 or "encoder.down.0.block.0.conv1.weight" not in keys \
             or "decoder.up.0.block.0.conv1.weight" not in keys:
-        raise _errors().IncompatibleModelsError(
+        raise IncompatibleModelsError(
             f"The vae input is not an SD1.x VAE (latent channels {getattr(vae, 'latent_channels', '?')}); SD1.5 "
             "needs a 4-channel KL VAE such as vae-ft-mse-840000-ema-pruned.safetensors (Load VAE).")
 

@@ -11,6 +11,7 @@ from .specs import NodeResult, NodeSpec, Param, WIDGET_KINDS
 
 def _batch(model, prompts, negative, seeds, frames, width, height, steps, cfg, scheduler, motion_scale,
            filename_prefix, format, fps, prompt=None, extra_pnginfo=None, unique_id=None) -> NodeResult:
+    from ..core.errors import InvalidSettingError
     from ..core.media.metadata import build_metadata
     from ..core.media.save import VideoSettings, save_video
     from ..core.variations import check_batch_size, contact_sheet, parse_prompt_list, parse_seed_list
@@ -19,7 +20,7 @@ def _batch(model, prompts, negative, seeds, frames, width, height, steps, cfg, s
     texts, seed_list = parse_prompt_list(prompts), parse_seed_list(seeds)  # bad lists: nothing runs or is written
     check_batch_size(len(texts), len(seed_list))
     if (problem := _prefix_problem(filename_prefix)) is not None:
-        raise _errors().InvalidSettingError(problem)
+        raise InvalidSettingError(problem)
     rows, saved, notes = [], [], []
     for row, text in enumerate(texts):
         cells = []
@@ -67,12 +68,6 @@ def _check_batch(cls, prompts=None, seeds=None, filename_prefix=None):
     except InvalidSettingError as exc:
         return str(exc)
     return _prefix_problem(filename_prefix) or True
-
-
-def _errors():
-    from ..core import errors
-
-    return errors
 
 
 def _one_clip(prompt, extra_pnginfo, unique_id, *, text: str, seed: int):

@@ -12,7 +12,8 @@ CATEGORY = "Flipbook/AnimateDiff Lightning (motion)"
 NO_CHECKPOINT = "none"  # ckpt_name when MODEL, CLIP and VAE all come from other nodes
 
 
-def _load(ckpt_name, motion_model, variant, policy, model=None, clip=None, vae=None) -> NodeResult:
+def _load(ckpt_name, motion_model, variant, policy, model=None, clip=None, vae=None, check_variant=None) -> NodeResult:
+    """The loader node; `check_variant` (not an input) lets the tier loader refuse a module before the load."""
     from ..lightning.pipeline import load_lightning
 
     host = _comfy.host_parts(model=model, clip=clip, vae=vae)
@@ -20,7 +21,7 @@ def _load(ckpt_name, motion_model, variant, policy, model=None, clip=None, vae=N
     loaded = load_lightning(
         checkpoint, _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion_model),
         variant_id=variant, policy=policy, device=_comfy.torch_device(), tokenizer_dir=_comfy.clip_tokenizer_dir(),
-        dtype=_comfy.compute_dtype(), placements=_comfy.component_placements(), host=host,
+        dtype=_comfy.compute_dtype(), placements=_comfy.component_placements(), host=host, check_variant=check_variant,
     )
     # the model's own notes appear on the sampler; here only where its networks came from
     notes = [f"{' + '.join(host.given)} from the connected nodes"] if host.given else []
@@ -296,15 +297,10 @@ def _tier(ckpt_name, tier, explore_motion, develop_motion, final_motion, final_s
 
     from ..lightning.tiers import check_tier_module, tier_settings
 
-    from ..core.checkpoints import load_state_dict
-    from ..lightning.pipeline import inspect_motion_module, resolve_variant
-
     settings = tier_settings(tier, final_steps=final_steps, final_cfg=final_cfg)  # before anything is read
     motion = {"explore": explore_motion, "develop": develop_motion, "final": final_motion}[tier]
-    path = _comfy.model_path(_comfy.ANIMATEDIFF_FOLDER, motion)
-    info = inspect_motion_module(load_state_dict(path), motion)  # the module's kind first: a wrong file costs no load
-    check_tier_module(tier, resolve_variant(V.AUTO, motion, info, path.stat().st_size)[0].id, motion)
-    result = _load(ckpt_name, motion, V.AUTO, "strict", model=model, clip=clip, vae=vae)
+    result = _load(ckpt_name, motion, V.AUTO, "strict", model=model, clip=clip, vae=vae,
+                   check_variant=lambda variant: check_tier_module(tier, variant.id, motion))
     loaded = result.outputs[0]
     notes = [f"tier {tier}: {motion}, {settings.steps} steps, CFG {settings.cfg:g}, {settings.scheduler}",
              *((result.ui or {}).get("flipbook_notes", []))]
